@@ -1,0 +1,202 @@
+"""The ``edge-vit`` command line: thin subcommands that build the stages from flags and call the library.
+
+User mistakes (missing files, unreachable streams, folders that are not models)
+end with one line on stderr and exit code 2; Ctrl-C / SIGTERM during a run
+finish cleanly with exit code 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from edge_vit.errors import EdgeVitError
+
+DEFAULT_VLM = "HuggingFaceTB/SmolVLM-256M-Instruct"
+DEFAULT_DETECTOR = "yolo26n.pt"
+DEFAULT_PROMPT = "Describe what you see in one sentence."
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, source_required: bool = True) -> None:
+    from edge_vit.grounding import PositionStyle
+    from edge_vit.vlm import Backend, TilingPolicy
+
+    g = p.add_argument_group("input")
+    g.add_argument("--source", required=source_required,
+                   help="webcam index (0), device (/dev/video0), video file, RTSP/HTTP URL or image folder")
+    g.add_argument("--max-frames", type=_positive_int, default=None, help="stop after N frames")
+    g.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=False,
+                   help="play files at their native fps and drop frames when behind, like a live camera")
+    g.add_argument("--stall-timeout", type=_nonneg_float, default=5.0,
+                   help="live sources: reconnect when no frame arrives for this many seconds")
+    g = p.add_argument_group("detector")
+    g.add_argument("--detector", default=DEFAULT_DETECTOR, help="Ultralytics model: .pt, .yaml, .onnx or .engine")
+    g.add_argument("--imgsz", type=int, default=640, help="detector input size (multiple of 32)")
+    g.add_argument("--conf", type=float, default=0.25, help="detector confidence threshold")
+    g.add_argument("--classes", default=None, help="comma-separated class names (or ids) to keep, e.g. person,car")
+    g.add_argument("--track", action=argparse.BooleanOptionalAction, default=False,
+                   help="track objects across frames (ByteTrack) so they keep ids")
+    g = p.add_argument_group("VLM")
+    g.add_argument("--vlm", default=DEFAULT_VLM, help="model folder or cached hub id; 'none' runs the detector only")
+    g.add_argument("--backend", choices=[b.value for b in Backend], default=Backend.TORCH.value)
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0 (VLM and detector)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="torch backend dtype")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="the instruction the VLM answers about each chosen frame")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    g.add_argument("--tiling", choices=[t.value for t in TilingPolicy], default=TilingPolicy.SINGLE.value,
+                   help="single: one vision tile per frame (fast); split: the processor's own image splitting")
+    g.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
+                   help="allow model code from the model folder/hub (off by default)")
+    g = p.add_argument_group("grounding")
+    g.add_argument("--grounding", action=argparse.BooleanOptionalAction, default=True,
+                   help="put the detections (classes, counts, positions) into the prompt")
+    g.add_argument("--positions", choices=[s.value for s in PositionStyle], default=PositionStyle.WORDS.value)
+    g.add_argument("--grounding-tokens", type=_positive_int, default=96, help="token budget of the grounding text")
+    g = p.add_argument_group("when to answer")
+    g.add_argument("--every", type=_nonneg_float, default=5.0, help="answer at least every N seconds (0: every frame)")
+    g.add_argument("--on-change", action=argparse.BooleanOptionalAction, default=True,
+                   help="answer when the detected classes or counts change")
+    g = p.add_argument_group("output")
+    g.add_argument("--jsonl", default=None, help="write events (detections, answers, status) to this JSONL file")
+    g.add_argument("--save-video", default=None, help="write the annotated video here (.mp4 or .avi)")
+    g.add_argument("--status-every", type=_nonneg_float, default=5.0, help="seconds between status events")
+    g.add_argument("--quiet", action="store_true", help="no console output (files only)")
+
+
+def build_and_run(args: argparse.Namespace) -> int:
+    """Build every stage from parsed flags and run the stream; returns the exit code."""
+    from edge_vit.detector import Detector, DetectorConfig
+    from edge_vit.grounding import GroundingConfig, PositionStyle
+    from edge_vit.stream.runner import RunConfig, StreamRunner
+    from edge_vit.stream.scheduler import TriggerConfig
+    from edge_vit.stream.sinks import ConsoleSink, JsonlSink, VideoSink
+    from edge_vit.stream.sources import SourceConfig, open_source
+    from edge_vit.vlm import Backend, GenerationConfig, TilingPolicy, load_vlm
+
+    device = args.device
+    detector_config = DetectorConfig(
+        model=args.detector, conf=args.conf, imgsz=args.imgsz, track=args.track,
+        classes=tuple(c for c in args.classes.split(",") if c.strip()) if args.classes else None,
+        device=device,
+    )
+    trigger = TriggerConfig(every_s=args.every, on_change=args.on_change)
+    grounding = (
+        GroundingConfig(positions=PositionStyle(args.positions), max_tokens=args.grounding_tokens)
+        if args.grounding else None
+    )
+    run_config = RunConfig(
+        prompt=args.prompt, max_frames=args.max_frames, grounding=grounding, trigger=trigger,
+        generation=GenerationConfig(max_new_tokens=args.max_new_tokens), status_every_s=args.status_every,
+    )
+    # Cheap checks first: a missing source fails before any model loads.
+    source = open_source(args.source, SourceConfig(stall_timeout_s=args.stall_timeout, realtime=args.realtime))
+    sinks: list = []
+    try:
+        detector = Detector.load(detector_config)
+        vlm = None
+        if args.vlm.lower() != "none":
+            vlm = load_vlm(args.vlm, Backend(args.backend), device=device, dtype=args.dtype,
+                           tiling=TilingPolicy(args.tiling), trust_remote_code=args.trust_remote_code)
+        console = None if args.quiet else ConsoleSink()
+        if console is not None:
+            sinks.append(console)
+        if args.jsonl:
+            sinks.append(JsonlSink(args.jsonl))
+        video = VideoSink(args.save_video, fps=getattr(source, "fps", None) or 15.0) if args.save_video else None
+    except BaseException:
+        source.close()
+        for sink in sinks:
+            sink.close()
+        raise
+    runner = StreamRunner(source, detector, vlm, run_config, sinks, video=video, console=console)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _stop(signum, frame):  # first signal: finish cleanly; a second one: default behaviour
+        runner.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    for sig in previous:
+        signal.signal(sig, _stop)
+    try:
+        summary = runner.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not args.quiet:
+        print(f"done: {summary.frames} frames, {summary.answers} answers, stopped by {summary.stopped_by}"
+              + (f"; events in {args.jsonl}" if args.jsonl else "")
+              + (f"; video in {args.save_video}" if args.save_video else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return build_and_run(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edge_vit.demo import prepare_demo
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    paths = prepare_demo(Path(args.workdir), frames=args.frames)
+    print(paths.notice, file=sys.stderr)
+    run_args = build_parser().parse_args([
+        "run", "--source", str(paths.clip), "--detector", str(paths.detector), "--vlm", str(paths.vlm),
+        "--imgsz", str(paths.imgsz), "--conf", str(paths.conf), "--jsonl", str(paths.jsonl),
+        "--save-video", str(paths.video), "--every", "1", "--prompt", args.prompt,
+        "--max-new-tokens", "24", "--status-every", "2",
+    ])
+    return build_and_run(run_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-vit", description="YOLO detections ground a compact VLM on edge devices.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (reconnects, skipped files)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run detector + VLM on a camera, stream, video file or image folder")
+    add_run_arguments(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("demo", help="the whole pipeline on a bundled offline clip")
+    p.add_argument("--workdir", default=".demo", help="where demo models and outputs are written")
+    p.add_argument("--frames", type=_positive_int, default=90, help="length of the demo clip")
+    p.add_argument("--prompt", default="How many shapes are there, and where?")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except EdgeVitError as exc:
+        print(f"edge-vit: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("edge-vit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

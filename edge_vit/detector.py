@@ -1,0 +1,122 @@
+"""The detector stage: an Ultralytics YOLO model (``.pt``, ``.yaml``, ``.onnx``, ``.engine``) turned into ``Detections``.
+
+Ultralytics does the pre-processing, inference, NMS (or the NMS-free head) and
+tracking (ByteTrack/BoT-SORT through ``model.track``); this module only chooses
+options, validates the model path and converts results. It must not reimplement
+YOLO pre/post-processing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_vit.errors import EdgeVitError, ModelLoadError
+from edge_vit.types import Detections
+
+DETECTOR_SUFFIXES = (".pt", ".yaml", ".yml", ".onnx", ".engine")
+# Names Ultralytics can fetch from its release assets when online (e.g. "yolo26n.pt", "yolo11s.pt").
+_ASSET_NAME = re.compile(r"^yolo(v\d+|\d+)[nsmlx]?(-\w+)?\.(pt|yaml)$")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    model: str = "yolo26n.pt"
+    conf: float = 0.25
+    iou: float = 0.7
+    imgsz: int = 640
+    classes: tuple[str, ...] | None = None  # class names to keep; None keeps all
+    device: str | None = None  # "cpu", "0", "cuda:0"; None lets Ultralytics choose
+    track: bool = False
+    tracker: str = "bytetrack.yaml"
+    half: bool = False
+    max_det: int = 300
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.conf <= 1.0:
+            raise EdgeVitError(f"--conf must be in [0, 1], got {self.conf}")
+        if self.imgsz < 32 or self.imgsz % 32:
+            raise EdgeVitError(f"--imgsz must be a multiple of 32 and >= 32, got {self.imgsz}")
+
+
+def check_detector_path(model: str) -> None:
+    """Fail early, in one line, on a path that cannot be a YOLO model."""
+    path = Path(model)
+    if path.exists():
+        if path.is_dir() and not model.rstrip("/").endswith(("_openvino_model", "_saved_model", "_ncnn_model")):
+            raise ModelLoadError(f"detector '{model}' is a folder; expected a YOLO file ({', '.join(DETECTOR_SUFFIXES)})")
+        return
+    if _ASSET_NAME.match(model):
+        return  # a release asset name: a .yaml builds offline, a .pt is fetched by Ultralytics if online
+    raise ModelLoadError(f"detector model not found: '{model}' (expected a YOLO file: {', '.join(DETECTOR_SUFFIXES)})")
+
+
+class Detector:
+    """Runs a loaded Ultralytics model on BGR frames."""
+
+    def __init__(self, model: Any, config: DetectorConfig) -> None:
+        self.model = model
+        self.config = config
+        self.names: dict[int, str] = dict(model.names)
+        self.class_ids = resolve_classes(config.classes, self.names)
+
+    @classmethod
+    def load(cls, config: DetectorConfig) -> "Detector":
+        check_detector_path(config.model)
+        from ultralytics import YOLO
+
+        try:
+            model = YOLO(config.model, task="detect")
+        except Exception as exc:  # Ultralytics raises many types for a bad file or a failed download
+            first = str(exc).strip().splitlines()[0].strip("❌ ") if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(
+                f"cannot load detector '{config.model}': expected an Ultralytics YOLO model "
+                f"({', '.join(DETECTOR_SUFFIXES)}) ({first})"
+            ) from None
+        if getattr(model, "task", "detect") != "detect":
+            raise ModelLoadError(f"detector '{config.model}' is a '{model.task}' model; expected a detection model")
+        return cls(model, config)
+
+    def detect(self, frame: np.ndarray) -> tuple[Detections, dict[str, float]]:
+        """Detections for one BGR frame and Ultralytics' stage timings in ms."""
+        c = self.config
+        kwargs = dict(
+            conf=c.conf, iou=c.iou, imgsz=c.imgsz, classes=self.class_ids, device=c.device,
+            max_det=c.max_det, verbose=False,
+        )
+        if c.half:  # only when asked: Ultralytics warns about the option even when it is False
+            kwargs["half"] = True
+        if c.track:
+            results = self.model.track(frame, persist=True, tracker=c.tracker, **kwargs)
+        else:
+            results = self.model.predict(frame, **kwargs)
+        result = results[0]
+        speed = result.speed or {}
+        timings = {
+            "detect_pre": float(speed.get("preprocess") or 0.0),
+            "detect_infer": float(speed.get("inference") or 0.0),
+            "detect_post": float(speed.get("postprocess") or 0.0),
+        }
+        return Detections.from_ultralytics(result), timings
+
+
+def resolve_classes(classes: tuple[str, ...] | None, names: dict[int, str]) -> list[int] | None:
+    """Map class names (or ids as strings) to the model's ids; unknown names are a user error."""
+    if not classes:
+        return None
+    by_name = {v.lower(): k for k, v in names.items()}
+    ids = []
+    for item in classes:
+        key = item.strip().lower()
+        if key.isdigit() and int(key) in names:
+            ids.append(int(key))
+        elif key in by_name:
+            ids.append(by_name[key])
+        else:
+            shown = ", ".join(list(names.values())[:12]) + (", ..." if len(names) > 12 else "")
+            raise EdgeVitError(f"unknown class '{item}' for this detector; it knows: {shown}")
+    return sorted(set(ids))

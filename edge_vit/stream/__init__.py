@@ -1,0 +1,1 @@
+"""Live video plumbing: frame sources, the answer scheduler, output sinks and the run loop."""

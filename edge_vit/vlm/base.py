@@ -1,0 +1,215 @@
+"""What every VLM backend shares: configuration, the streamed step type, prompt building and token streaming.
+
+A backend (torch, onnx, trt) turns (frame, prompt) into a stream of ``Step``s:
+text pieces as they are decoded, then one final step carrying ``GenerationStats``.
+The shared helpers here know the Hugging Face processor and tokenizer, not the
+runtime that executes the graphs.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+
+from edge_vit.errors import ModelLoadError, PromptTooLongError
+
+
+class TilingPolicy(str, Enum):
+    """How a frame becomes vision tiles.
+
+    SINGLE: one tile at the vision encoder's resolution (SmolVLM: 64 image tokens). The default
+    for streams: SmolVLM's own processor settings split a 512 px frame into 17 tiles (about
+    1,100 image tokens, 15-25x the vision cost on a small CPU).
+    SPLIT: the processor's own settings (image splitting into a grid plus a global tile).
+    """
+
+    SINGLE = "single"
+    SPLIT = "split"
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0  # benchmarks set min = max so runs compare
+    temperature: float = 0.0  # 0 = greedy
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError("min_new_tokens must be in [0, max_new_tokens]")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+
+
+@dataclass
+class GenerationStats:
+    """Per-stage timings (ms) and token counts of one generation."""
+
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    tiles: int = 0
+    new_tokens: int = 0
+    decode_steps: int = 0  # forward passes after prefill
+    preprocess_ms: float = 0.0
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+    finish_reason: str = "stop"
+
+    @property
+    def decode_tok_s(self) -> float:
+        # The first token comes from prefill; decode speed counts the forward passes after it.
+        n = self.decode_steps
+        return n / (self.decode_ms / 1000.0) if n > 0 and self.decode_ms > 0 else 0.0
+
+    def timings(self) -> dict[str, float]:
+        return {
+            "preprocess": self.preprocess_ms,
+            "vision": self.vision_ms,
+            "prefill": self.prefill_ms,
+            "ttft": self.ttft_ms,
+            "decode": self.decode_ms,
+            "vlm_total": self.total_ms,
+            "decode_tok_s": self.decode_tok_s,
+            "prompt_tokens": float(self.prompt_tokens),
+            "image_tokens": float(self.image_tokens),
+        }
+
+
+@dataclass(frozen=True)
+class Step:
+    """One streamed item: a decoded text piece, or (last) the stats of the whole generation."""
+
+    text: str = ""
+    token_id: int | None = None
+    stats: GenerationStats | None = field(default=None)
+
+    @property
+    def done(self) -> bool:
+        return self.stats is not None
+
+
+class VLM(Protocol):
+    """A loaded vision-language model that answers one prompt about one frame."""
+
+    name: str
+    max_context: int
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def generate(
+        self, image: np.ndarray, prompt: str, config: GenerationConfig = ..., cancel: threading.Event | None = None
+    ) -> Iterator[Step]: ...
+
+
+SUPPORTED_MODEL_TYPES = ("idefics3", "smolvlm", "llava")
+
+
+def check_model_type(model_type: str, source: str) -> str:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"{source}: model type '{model_type}' is not supported; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return model_type
+
+
+def apply_tiling(processor: Any, policy: TilingPolicy) -> None:
+    """Set the processor's tiling once at load time (Idefics3/SmolVLM; LLaVA always uses one image)."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is not None and hasattr(image_processor, "do_image_splitting"):
+        image_processor.do_image_splitting = policy is TilingPolicy.SPLIT
+
+
+def chat_text(processor: Any, prompt: str) -> str:
+    """The model's own chat template around one image and the prompt."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def bgr_to_pil(image: np.ndarray):
+    from PIL import Image
+
+    if image.ndim != 3 or image.shape[2] != 3 or image.size == 0:
+        raise ValueError(f"expected a BGR image HxWx3, got shape {image.shape}")
+    return Image.fromarray(np.ascontiguousarray(image[:, :, ::-1]))
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any) -> set[int]:
+    ids: set[int] = set()
+    eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    for value in (eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    eou = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    if isinstance(eou, int) and eou != tokenizer.unk_token_id:
+        ids.add(eou)
+    return ids
+
+
+def check_context(prompt_tokens: int, config: GenerationConfig, max_context: int) -> None:
+    if prompt_tokens + config.max_new_tokens > max_context:
+        raise PromptTooLongError(
+            f"prompt of {prompt_tokens} tokens (image included) + {config.max_new_tokens} new tokens "
+            f"exceeds the model's context of {max_context}; shorten the prompt or lower the grounding budget"
+        )
+
+
+class TextStreamer:
+    """Turns token ids into text deltas, holding back incomplete UTF-8 (byte-level BPE splits characters)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        delta = text[len(self.emitted):] if text.startswith(self.emitted) else text
+        self.emitted = text
+        return delta
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
+
+
+def collect(steps: Iterator[Step]) -> tuple[str, GenerationStats]:
+    """Run a generation to the end; return the whole text and its stats."""
+    pieces: list[str] = []
+    stats = GenerationStats()
+    for step in steps:
+        if step.done:
+            stats = step.stats
+        else:
+            pieces.append(step.text)
+    return "".join(pieces).strip(), stats
+
+
+def choose_token(logits: np.ndarray, config: GenerationConfig, step: int, stop_ids: set[int],
+                 rng: np.random.Generator) -> int:
+    """Greedy (or temperature sampling) over one logits row [V]; stop tokens are masked before min_new_tokens."""
+    logits = np.asarray(logits, dtype=np.float64).copy()
+    if step < config.min_new_tokens:
+        for i in stop_ids:
+            if 0 <= i < logits.shape[-1]:
+                logits[i] = -np.inf
+    if config.temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits / config.temperature
+    z -= z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    return int(rng.choice(len(p), p=p))
