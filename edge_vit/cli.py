@@ -83,7 +83,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *, source_required: bool = Tru
 
 def build_and_run(args: argparse.Namespace) -> int:
     """Build every stage from parsed flags and run the stream; returns the exit code."""
-    from edge_vit.detector import Detector, DetectorConfig
+    from edge_vit.detector import Detector, DetectorConfig, check_detector_path
     from edge_vit.grounding import GroundingConfig, PositionStyle
     from edge_vit.stream.runner import RunConfig, StreamRunner
     from edge_vit.stream.scheduler import TriggerConfig
@@ -106,21 +106,29 @@ def build_and_run(args: argparse.Namespace) -> int:
         prompt=args.prompt, max_frames=args.max_frames, grounding=grounding, trigger=trigger,
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens), status_every_s=args.status_every,
     )
-    # Cheap checks first: a missing source fails before any model loads.
+    # Cheap checks first: a missing source, a folder that is not a model or an unwritable output fail
+    # in a second, before any model loads.
+    if args.vlm.lower() != "none" and Backend(args.backend) is Backend.TORCH:
+        from edge_vit.vlm.torch_backend import check_model_folder
+
+        check_model_folder(args.vlm)
+    check_detector_path(args.detector)
     source = open_source(args.source, SourceConfig(stall_timeout_s=args.stall_timeout, realtime=args.realtime))
     sinks: list = []
+    video = None
     try:
-        detector = Detector.load(detector_config)
-        vlm = None
-        if args.vlm.lower() != "none":
-            vlm = load_vlm(args.vlm, Backend(args.backend), device=device, dtype=args.dtype,
-                           tiling=TilingPolicy(args.tiling), trust_remote_code=args.trust_remote_code)
         console = None if args.quiet else ConsoleSink()
         if console is not None:
             sinks.append(console)
         if args.jsonl:
             sinks.append(JsonlSink(args.jsonl))
-        video = VideoSink(args.save_video, fps=getattr(source, "fps", None) or 15.0) if args.save_video else None
+        if args.save_video:
+            video = VideoSink(args.save_video, fps=getattr(source, "fps", None) or 15.0)
+        detector = Detector.load(detector_config)
+        vlm = None
+        if args.vlm.lower() != "none":
+            vlm = load_vlm(args.vlm, Backend(args.backend), device=device, dtype=args.dtype,
+                           tiling=TilingPolicy(args.tiling), trust_remote_code=args.trust_remote_code)
     except BaseException:
         source.close()
         for sink in sinks:
@@ -186,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        # OpenCV and its FFmpeg print C-level warnings (e.g. each refused connection) straight to stderr;
+        # our own messages say the same in one line. Read when cv2 first opens a capture.
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

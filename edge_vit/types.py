@@ -145,6 +145,7 @@ class Answer:
     new_tokens: int = 0
     finish_reason: str = "stop"  # "stop" | "length" | "cancelled" | "error"
     frame_time: float = 0.0  # wall-clock time (time.time()) the frame was captured
+    grounding: str = ""  # the detection text that was put in front of the prompt
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -155,6 +156,7 @@ class Answer:
             "type": "answer",
             "frame": self.frame_id,
             "prompt": self.prompt,
+            "grounding": self.grounding,
             "answer": self.text,
             "new_tokens": self.new_tokens,
             "finish_reason": self.finish_reason,

@@ -135,13 +135,14 @@ class StreamRunner:
             for frame in self.source:
                 if self.stop_event.is_set():
                     break
-                if c.max_frames is not None and self._summary.frames >= c.max_frames:
-                    self._summary.stopped_by = "max_frames"
-                    break
                 self._process(frame, trigger, worker)
                 if time.monotonic() - window[0] >= c.status_every_s:
                     self.emit(self._status(worker, t0, window, final=False))
                     window = (time.monotonic(), self._summary.frames)
+                # Checked after the frame, so a live source is not waited on for a frame we would not use.
+                if c.max_frames is not None and self._summary.frames >= c.max_frames:
+                    self._summary.stopped_by = "max_frames"
+                    break
             if self.stop_event.is_set():
                 self._summary.stopped_by = "signal"
         finally:

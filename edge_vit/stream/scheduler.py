@@ -165,6 +165,7 @@ class AnswerWorker:
             new_tokens=stats.new_tokens if stats is not None else len(pieces),
             finish_reason=stats.finish_reason if stats is not None else "stop",
             frame_time=job.frame_time,
+            grounding=job.prompt.grounding,
         )
         self.answered += 1
         self.on_answer(answer)

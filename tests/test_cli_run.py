@@ -1,0 +1,143 @@
+"""`edge-vit run` end to end, as a user runs it: a subprocess, real files, tiny local models."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import count_video_frames, read_jsonl, run_cli
+
+
+def by_type(events, kind):
+    return [e for e in events if e["type"] == kind]
+
+
+def test_run_on_clip_writes_jsonl_and_video(tmp_path, clip, tiny_yolo, tiny_idefics3):
+    out, video = tmp_path / "out.jsonl", tmp_path / "out.mp4"
+    r = run_cli("run", "--source", str(clip), "--vlm", str(tiny_idefics3), "--detector", str(tiny_yolo),
+                "--imgsz", "64", "--conf", "0.0", "--jsonl", str(out), "--save-video", str(video),
+                "--max-frames", "30", "--every", "0.2", "--max-new-tokens", "8", "--track")
+    assert r.returncode == 0, r.stderr
+    events = read_jsonl(out)
+    assert events[0]["type"] == "start" and events[-1]["type"] == "status" and events[-1]["final"]
+    dets = by_type(events, "detections")
+    assert [e["frame"] for e in dets] == list(range(30))
+    assert all(set(e["timings"]) == {"detect_pre", "detect_infer", "detect_post"} for e in dets)
+    answers = by_type(events, "answer")
+    assert answers, "no answer events"
+    for a in answers:
+        assert {"frame", "prompt", "answer", "timings", "grounding"} <= set(a)
+        assert a["prompt"].startswith("Describe") and a["grounding"].startswith("Detected objects")
+        assert a["timings"]["ttft"] > 0 and a["new_tokens"] >= 1
+    assert events[-1]["frames"] == 30 and events[-1]["stopped_by"] == "max_frames"
+    assert count_video_frames(video) == 30
+    assert "[frame 0]" in r.stdout  # answers stream to the console
+
+
+def test_llava_on_image_folder_without_grounding(tmp_path, tiny_yolo, tiny_llava):
+    import cv2
+    import numpy as np
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in (1, 2, 10):
+        cv2.imwrite(str(folder / f"img{i}.jpg"), np.full((60, 80, 3), 20 * i, np.uint8))
+    (folder / "img3.jpg").write_bytes(b"not a jpeg")  # corrupt: skipped and counted
+    out = tmp_path / "out.jsonl"
+    r = run_cli("run", "--source", str(folder), "--vlm", str(tiny_llava), "--detector", str(tiny_yolo),
+                "--imgsz", "64", "--no-grounding", "--every", "0", "--max-new-tokens", "4", "--jsonl", str(out),
+                "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+    events = read_jsonl(out)
+    assert len(by_type(events, "detections")) == 3
+    assert all(a["grounding"] == "" for a in by_type(events, "answer"))
+    assert events[-1]["corrupt"] == 1 and events[-1]["stopped_by"] == "end"
+
+
+def test_detector_only(tmp_path, clip, tiny_yolo):
+    out = tmp_path / "out.jsonl"
+    r = run_cli("run", "--source", str(clip), "--vlm", "none", "--detector", str(tiny_yolo), "--imgsz", "64",
+                "--jsonl", str(out), "--max-frames", "5", "--quiet")
+    assert r.returncode == 0, r.stderr
+    types = [e["type"] for e in read_jsonl(out)]
+    assert types == ["start"] + ["detections"] * 5 + ["status"]
+
+
+def test_prompt_longer_than_context_is_reported_not_fatal(tmp_path, clip, tiny_yolo, tiny_idefics3):
+    out = tmp_path / "out.jsonl"
+    r = run_cli("run", "--source", str(clip), "--vlm", str(tiny_idefics3), "--detector", str(tiny_yolo),
+                "--imgsz", "64", "--prompt", "red circle " * 300, "--max-frames", "3", "--jsonl", str(out),
+                "--quiet")
+    assert r.returncode == 0, r.stderr
+    events = read_jsonl(out)
+    errors = by_type(events, "error")
+    assert errors and "exceeds the model's context" in errors[0]["message"]
+    assert len(by_type(events, "detections")) == 3 and events[-1]["errors"] >= 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--source", "/nonexistent/clip.mp4"], "source not found: /nonexistent/clip.mp4"),
+        (["--source", "http://127.0.0.1:9/none.mjpg"], "cannot open stream"),
+        (["--detector", "/nonexistent/model.pt"], "detector model not found"),
+        (["--detector", "{notmodel}"], "expected an Ultralytics YOLO model"),
+        (["--vlm", "{emptydir}"], "expected a transformers model folder"),
+        (["--vlm", "{notmodel}"], "expected a transformers model folder"),
+        (["--classes", "unicorn"], "unknown class 'unicorn'"),
+        (["--imgsz", "100"], "--imgsz must be a multiple of 32"),
+        (["--jsonl", "/proc/forbidden/out.jsonl"], "cannot write JSONL file"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, clip, tiny_yolo, tiny_idefics3, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "model.pt").write_text("not a model")
+    fill = {"{emptydir}": str(tmp_path / "empty"), "{notmodel}": str(tmp_path / "model.pt")}
+    args = [fill.get(a, a) for a in args]
+    base = {"--source": str(clip), "--detector": str(tiny_yolo), "--vlm": str(tiny_idefics3), "--imgsz": "64"}
+    for i in range(0, len(args), 2):
+        base[args[i]] = args[i + 1]
+    flat = [x for kv in base.items() for x in kv]
+    r = run_cli("run", *flat, "--max-frames", "2", timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edge-vit: error: "), r.stderr
+    assert message in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_mid_run_leaves_complete_outputs(tmp_path, tiny_yolo, tiny_idefics3, sig):
+    from edge_vit.tiny import write_clip
+
+    long_clip = write_clip(tmp_path / "long.mp4", n_frames=400, width=160, height=120)
+    out, video = tmp_path / "out.jsonl", tmp_path / "out.mp4"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_vit", "run", "--source", str(long_clip), "--vlm", str(tiny_idefics3),
+         "--detector", str(tiny_yolo), "--imgsz", "64", "--jsonl", str(out), "--save-video", str(video),
+         "--every", "0", "--max-new-tokens", "400", "--realtime"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if out.exists() and '"type":"answer"' in out.read_text():
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("no answer before the deadline")
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    events = read_jsonl(out)  # every line parses
+    final = events[-1]
+    assert final["type"] == "status" and final["final"] and final["stopped_by"] == "signal"
+    frames = len(by_type(events, "detections"))
+    assert 0 < frames < 400
+    assert count_video_frames(video) == frames
