@@ -88,7 +88,7 @@ def build_and_run(args: argparse.Namespace) -> int:
     from edge_vit.stream.runner import RunConfig, StreamRunner
     from edge_vit.stream.scheduler import TriggerConfig
     from edge_vit.stream.sinks import ConsoleSink, JsonlSink, VideoSink
-    from edge_vit.stream.sources import SourceConfig, open_source
+    from edge_vit.stream.sources import SourceConfig, open_source, parse_source
     from edge_vit.vlm import Backend, GenerationConfig, TilingPolicy, load_vlm
 
     device = args.device
@@ -106,34 +106,35 @@ def build_and_run(args: argparse.Namespace) -> int:
         prompt=args.prompt, max_frames=args.max_frames, grounding=grounding, trigger=trigger,
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens), status_every_s=args.status_every,
     )
-    # Cheap checks first: a missing source, a folder that is not a model or an unwritable output fail
-    # in a second, before any model loads.
+    # Cheap checks first: a missing file, a folder that is not a model or an unwritable output fail in a
+    # second, before any model loads. The source opens last, so a live stream is not read (and frames
+    # not dropped) while the models load.
+    parse_source(args.source)
     if args.vlm.lower() != "none" and Backend(args.backend) is Backend.TORCH:
         from edge_vit.vlm.torch_backend import check_model_folder
 
         check_model_folder(args.vlm)
     check_detector_path(args.detector)
-    source = open_source(args.source, SourceConfig(stall_timeout_s=args.stall_timeout, realtime=args.realtime))
     sinks: list = []
-    video = None
     try:
         console = None if args.quiet else ConsoleSink()
         if console is not None:
             sinks.append(console)
         if args.jsonl:
             sinks.append(JsonlSink(args.jsonl))
-        if args.save_video:
-            video = VideoSink(args.save_video, fps=getattr(source, "fps", None) or 15.0)
+        video = VideoSink(args.save_video) if args.save_video else None
         detector = Detector.load(detector_config)
         vlm = None
         if args.vlm.lower() != "none":
             vlm = load_vlm(args.vlm, Backend(args.backend), device=device, dtype=args.dtype,
                            tiling=TilingPolicy(args.tiling), trust_remote_code=args.trust_remote_code)
+        source = open_source(args.source, SourceConfig(stall_timeout_s=args.stall_timeout, realtime=args.realtime))
     except BaseException:
-        source.close()
         for sink in sinks:
             sink.close()
         raise
+    if video is not None and getattr(source, "fps", None):
+        video.fps = source.fps  # the annotated video plays at the source's rate
     runner = StreamRunner(source, detector, vlm, run_config, sinks, video=video, console=console)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=_positive_int, default=90, help="length of the demo clip")
     p.add_argument("--prompt", default="How many shapes are there, and where?")
     p.set_defaults(func=cmd_demo)
+    from finetune.cli import add_finetune_commands
+    add_finetune_commands(sub)
     return parser
 
 

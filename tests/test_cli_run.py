@@ -141,3 +141,29 @@ def test_signal_mid_run_leaves_complete_outputs(tmp_path, tiny_yolo, tiny_idefic
     frames = len(by_type(events, "detections"))
     assert 0 < frames < 400
     assert count_video_frames(video) == frames
+
+
+@pytest.mark.timeout(180)
+def test_run_reconnects_to_a_live_stream_and_continues(tmp_path, tiny_yolo, tiny_idefics3):
+    """A live MJPEG stream drops for 2 s mid-run; the run reconnects and keeps detecting and answering."""
+    from mjpeg_server import POST_OUTAGE_SEQ, MjpegServer
+
+    out = tmp_path / "out.jsonl"
+    with MjpegServer(fps=20, pre_frames=30, outage="drop", outage_s=2.0, lifetime_s=120) as server:
+        r = run_cli("run", "--source", server.url, "--vlm", str(tiny_idefics3), "--detector", str(tiny_yolo),
+                    "--imgsz", "64", "--jsonl", str(out), "--max-frames", "60", "--every", "0.3",
+                    "--max-new-tokens", "4", "--stall-timeout", "1", "--quiet", timeout=150)
+        served_after = server.next_seq - POST_OUTAGE_SEQ
+    assert r.returncode == 0, r.stderr
+    events = read_jsonl(out)
+    final = events[-1]
+    assert final["reconnects"] >= 1 and final["frames"] == 60 and final["stopped_by"] == "max_frames"
+    dets = by_type(events, "detections")
+    times = [e["time"] for e in dets]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    outage_at = max(range(len(gaps)), key=gaps.__getitem__)
+    assert gaps[outage_at] > 1.5  # the outage is visible in the frame times...
+    assert 10 <= outage_at + 1 < 60  # ...with frames before it and after it
+    assert served_after > 0
+    answers_after = [a for a in by_type(events, "answer") if a["time"] > times[outage_at + 1]]
+    assert answers_after, "the VLM keeps answering after the reconnect"
