@@ -58,9 +58,10 @@ def test_llava_on_image_folder_without_grounding(tmp_path, tiny_yolo, tiny_llava
     assert events[-1]["corrupt"] == 1 and events[-1]["stopped_by"] == "end"
 
 
-def test_detector_only(tmp_path, clip, tiny_yolo):
+def test_detector_only_from_yaml(tmp_path, clip):
     out = tmp_path / "out.jsonl"
-    r = run_cli("run", "--source", str(clip), "--vlm", "none", "--detector", str(tiny_yolo), "--imgsz", "64",
+    # yolo26n.yaml builds offline (random weights), as the "done when" command uses it
+    r = run_cli("run", "--source", str(clip), "--vlm", "none", "--detector", "yolo26n.yaml", "--imgsz", "64",
                 "--jsonl", str(out), "--max-frames", "5", "--quiet")
     assert r.returncode == 0, r.stderr
     types = [e["type"] for e in read_jsonl(out)]

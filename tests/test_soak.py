@@ -56,4 +56,6 @@ def test_soak_3000_frames_flat_memory_and_latency(tmp_path, tiny_yolo, tiny_idef
     third = len(probe.answers) // 3
     first = statistics.median(t for _, t in probe.answers[1:third])  # skip the very first (warm-up)
     last = statistics.median(t for _, t in probe.answers[-third:])
+    print(f"soak: {summary.frames} frames, {len(probe.answers)} answers, RSS {warm[0] >> 20} -> {max(warm) >> 20} MiB "
+          f"({growth:+.1%}), answer latency median {first:.1f} ms (first third) vs {last:.1f} ms (last third)")
     assert last < 1.5 * first, f"answer latency grew from {first:.1f} ms to {last:.1f} ms"
