@@ -114,6 +114,10 @@ def build_and_run(args: argparse.Namespace) -> int:
         from edge_vit.vlm.torch_backend import check_model_folder
 
         check_model_folder(args.vlm)
+    elif args.vlm.lower() != "none" and Backend(args.backend) is Backend.ONNX:
+        from edge_vit.vlm.onnx_backend import check_onnx_folder
+
+        check_onnx_folder(args.vlm)
     check_detector_path(args.detector)
     sinks: list = []
     try:
@@ -191,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     from finetune.cli import add_finetune_commands
     add_finetune_commands(sub)
+    from export.cli import add_export_commands
+    add_export_commands(sub)
     return parser
 
 

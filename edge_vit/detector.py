@@ -8,8 +8,9 @@ YOLO pre/post-processing.
 
 from __future__ import annotations
 
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from edge_vit.errors import EdgeVitError, ModelLoadError
 from edge_vit.types import Detections
 
 DETECTOR_SUFFIXES = (".pt", ".yaml", ".yml", ".onnx", ".engine")
+log = logging.getLogger(__name__)
+
 # Names Ultralytics can fetch from its release assets when online (e.g. "yolo26n.pt", "yolo11s.pt").
 _ASSET_NAME = re.compile(r"^yolo(v\d+|\d+)[nsmlx]?(-\w+)?\.(pt|yaml)$")
 
@@ -35,6 +38,7 @@ class DetectorConfig:
     tracker: str = "bytetrack.yaml"
     half: bool = False
     max_det: int = 300
+    prefer_exported: bool = True  # load foo.onnx (CPU) / foo.engine (CUDA) exported next to foo.pt; see prefer_exported
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.conf <= 1.0:
@@ -67,6 +71,8 @@ class Detector:
     @classmethod
     def load(cls, config: DetectorConfig) -> "Detector":
         check_detector_path(config.model)
+        if config.prefer_exported:
+            config = replace(config, model=prefer_exported(config.model, config.device or _default_device()))
         from ultralytics import YOLO
 
         try:
@@ -102,6 +108,39 @@ class Detector:
             "detect_post": float(speed.get("postprocess") or 0.0),
         }
         return Detections.from_ultralytics(result), timings
+
+
+def prefer_exported(model_path: str, device: str) -> str:
+    """The file to load for ``model_path``: for ``foo.pt``, an exported ``foo.onnx`` on CPU or ``foo.engine`` on CUDA
+    when it sits next to it and is not older than the .pt (an older one is stale); otherwise ``model_path``.
+
+    ``device`` is spelled as Ultralytics takes it (cpu, cuda, cuda:0, 0, 0,1). Exports run at the
+    image size they were exported with.
+    """
+    path = Path(model_path)
+    kind = device.strip().lower()
+    if path.suffix != ".pt" or not path.is_file():
+        return model_path
+    if kind.startswith("cpu"):
+        exported = path.with_suffix(".onnx")
+    elif kind.startswith("cuda") or kind.replace(",", "").isdigit():
+        exported = path.with_suffix(".engine")
+    else:
+        return model_path  # mps and others: no exported format preferred
+    if not exported.is_file():
+        return model_path
+    if exported.stat().st_mtime < path.stat().st_mtime:
+        log.info("detector: %s is older than %s; loading the .pt (export it again to use it)", exported.name, path.name)
+        return model_path
+    log.info("detector: loading %s, exported from %s, for device %s", exported, path.name, device)
+    return str(exported)
+
+
+def _default_device() -> str:
+    """The device Ultralytics picks when none is given: the first GPU if there is one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_classes(classes: tuple[str, ...] | None, names: dict[int, str]) -> list[int] | None:

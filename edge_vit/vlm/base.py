@@ -9,9 +9,10 @@ runtime that executes the graphs.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -184,6 +185,49 @@ class TextStreamer:
     @property
     def text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
+
+
+def decode_stream(
+    logits: np.ndarray,
+    step: Callable[[int], np.ndarray],
+    tokenizer: Any,
+    stop_ids: set[int],
+    config: GenerationConfig,
+    cancel: threading.Event | None,
+    stats: GenerationStats,
+    t_start: float,
+) -> Iterator[Step]:
+    """The decode phase every backend shares: choose a token from ``logits`` [V], stream its text, and call
+    ``step(token)`` for the next logits until a stop token, ``max_new_tokens`` or ``cancel``; then the stats.
+
+    ``t_start`` is when the generation began (for time to first token); the backend has filled in the
+    prefill part of ``stats``.
+    """
+    streamer = TextStreamer(tokenizer)
+    rng = np.random.default_rng(config.seed)
+    stats.finish_reason = "length"
+    t_first = time.perf_counter()
+    for i in range(config.max_new_tokens):
+        token = choose_token(logits, config, i, stop_ids, rng)
+        if i == 0:
+            t_first = time.perf_counter()
+            stats.ttft_ms = (t_first - t_start) * 1000
+        if token in stop_ids:
+            stats.finish_reason = "stop"
+            break
+        stats.new_tokens += 1
+        yield Step(text=streamer.push(token), token_id=token)
+        if cancel is not None and cancel.is_set():
+            stats.finish_reason = "cancelled"
+            break
+        if i + 1 == config.max_new_tokens:
+            break
+        logits = step(token)
+        stats.decode_steps += 1
+    t_end = time.perf_counter()
+    stats.decode_ms = (t_end - t_first) * 1000
+    stats.total_ms = (t_end - t_start) * 1000
+    yield Step(text="", stats=stats)
 
 
 def collect(steps: Iterator[Step]) -> tuple[str, GenerationStats]:

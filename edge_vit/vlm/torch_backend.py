@@ -23,14 +23,13 @@ from edge_vit.vlm.base import (
     GenerationConfig,
     GenerationStats,
     Step,
-    TextStreamer,
     TilingPolicy,
     apply_tiling,
     bgr_to_pil,
     chat_text,
     check_context,
     check_model_type,
-    choose_token,
+    decode_stream,
     stop_token_ids,
 )
 
@@ -164,42 +163,21 @@ class TorchVLM:
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats.to(embeds.dtype))
             attention = inputs["attention_mask"]
             out = self.model(inputs_embeds=embeds, attention_mask=attention, use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[0, -1].float().cpu().numpy()
+            logits = out.logits[0, -1].float().cpu().numpy()  # [V]
             t_prefill = time.perf_counter()
             stats.prefill_ms = (t_prefill - t_vis) * 1000
 
-            streamer = TextStreamer(self.tokenizer)
-            rng = np.random.default_rng(config.seed)
-            stats.finish_reason = "length"
-            t_first = t_prefill
-            for step in range(config.max_new_tokens):
-                token = choose_token(logits, config, step, self.stop_ids, rng)
-                if step == 0:
-                    t_first = time.perf_counter()
-                    stats.ttft_ms = (t_first - t_start) * 1000
-                if token in self.stop_ids:
-                    stats.finish_reason = "stop"
-                    break
-                stats.new_tokens += 1
-                piece = streamer.push(token)
-                yield Step(text=piece, token_id=token)
-                if cancel is not None and cancel.is_set():
-                    stats.finish_reason = "cancelled"
-                    break
-                if step + 1 == config.max_new_tokens:
-                    break
-                attention = torch.cat([attention, attention.new_ones((1, 1))], dim=1)
+            state = {"past": out.past_key_values, "attention": attention}
+
+            def step(token: int) -> np.ndarray:
+                state["attention"] = torch.cat([state["attention"], state["attention"].new_ones((1, 1))], dim=1)
                 out = self.model(
                     input_ids=torch.tensor([[token]], device=self.device),
-                    attention_mask=attention,
-                    past_key_values=past,
+                    attention_mask=state["attention"],
+                    past_key_values=state["past"],
                     use_cache=True,
                 )
-                past = out.past_key_values
-                logits = out.logits[0, -1].float().cpu().numpy()
-                stats.decode_steps += 1
-        t_end = time.perf_counter()
-        stats.decode_ms = (t_end - t_first) * 1000
-        stats.total_ms = (t_end - t_start) * 1000
-        yield Step(text="", stats=stats)
+                state["past"] = out.past_key_values
+                return out.logits[0, -1].float().cpu().numpy()
+
+            yield from decode_stream(logits, step, self.tokenizer, self.stop_ids, config, cancel, stats, t_start)

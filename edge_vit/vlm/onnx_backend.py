@@ -1,0 +1,344 @@
+"""The ONNX Runtime VLM backend: the three graphs of ``edge-vit export onnx`` on CPU, CUDA or TensorRT.
+
+Same split and same steps as the torch backend: vision encoder (+ connector)
+over the processor's tiles, token embedding with the image features put into
+the image-token slots, then the decoder over ``inputs_embeds`` with an empty
+cache (prefill) and one token at a time with the cache (decode). It yields the
+same ``Step``s and ``GenerationStats``.
+
+It loads only an export folder (graphs, config, processor, tokenizer and the
+manifest written last by the exporter); it never converts or downloads. Imports
+at module load: numpy and onnxruntime. transformers is imported when a folder
+is loaded (for the processor); torch and optimum are never needed here.
+
+IO binding: on CUDA/TensorRT the KV cache stays on the device between steps
+(outputs bound to device memory and fed back as the next inputs) and the
+decode logits land in a preallocated host buffer. On CPU plain ``run`` is as
+fast (numpy inputs are not copied; see ``OrtConfig.io_binding``), so the simpler
+path is the default there.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import onnxruntime as ort
+
+from edge_vit.errors import EdgeVitError, ModelLoadError
+from edge_vit.vlm.base import (
+    GenerationConfig,
+    GenerationStats,
+    Step,
+    TilingPolicy,
+    apply_tiling,
+    bgr_to_pil,
+    chat_text,
+    check_context,
+    check_model_type,
+    decode_stream,
+    stop_token_ids,
+)
+from export import io_spec
+
+
+class ExecutionProvider(str, Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+    TENSORRT = "tensorrt"
+
+
+# ORT provider names, best first; CPU last so unsupported nodes still run.
+PROVIDER_CHAINS = {
+    ExecutionProvider.CPU: ("CPUExecutionProvider",),
+    ExecutionProvider.CUDA: ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    ExecutionProvider.TENSORRT: ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+
+
+@dataclass(frozen=True)
+class OrtConfig:
+    """How the graphs run: execution provider, device, threads, IO binding."""
+
+    provider: ExecutionProvider = ExecutionProvider.CPU
+    device_id: int = 0
+    threads: int | None = None  # intra-op threads; None = ONNX Runtime's default (one per physical core)
+    io_binding: bool | None = None  # None = on for CUDA/TensorRT, off for CPU (no gain measured there)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "provider", ExecutionProvider(self.provider))
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be >= 1")
+
+    @classmethod
+    def for_device(cls, device: str = "cpu", provider: str | ExecutionProvider | None = None,
+                   threads: int | None = None, io_binding: bool | None = None) -> "OrtConfig":
+        """``device`` as the CLI spells it (cpu, cuda, cuda:1); ``provider`` overrides the provider it implies."""
+        kind, _, index = device.partition(":")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+            raise EdgeVitError(f"device must be cpu, cuda or cuda:N for the onnx backend, got '{device}'")
+        chosen = ExecutionProvider(provider) if provider is not None else ExecutionProvider(kind)
+        return cls(provider=chosen, device_id=int(index or 0), threads=threads, io_binding=io_binding)
+
+    @property
+    def uses_io_binding(self) -> bool:
+        return self.io_binding if self.io_binding is not None else self.provider is not ExecutionProvider.CPU
+
+
+def provider_list(config: OrtConfig, available: list[str] | None = None) -> list:
+    """ORT ``providers=`` for the config; a one-line error naming what to install if the provider is missing."""
+    available = list(ort.get_available_providers() if available is None else available)
+    chain = PROVIDER_CHAINS[config.provider]
+    if chain[0] not in available:
+        trt = config.provider is ExecutionProvider.TENSORRT
+        extra = " with the TensorRT libraries on the library path" if trt else ""
+        raise EdgeVitError(
+            f"execution provider '{config.provider.value}' ({chain[0]}) is not available in this onnxruntime "
+            f"(available: {', '.join(available)}); install the GPU build: pip install edge-vit[gpu]{extra}"
+        )
+    options = {"device_id": config.device_id}
+    return [(name, options) if name != "CPUExecutionProvider" else name for name in chain if name in available]
+
+
+def check_onnx_folder(folder: str | Path) -> Path:
+    """Cheap check that ``folder`` holds a complete ``edge-vit export onnx`` output; returns it as a Path."""
+    path = Path(folder)
+    missing = [name for name in io_spec.GRAPH_FILES if not (path / name).is_file()]
+    if not path.is_dir() or missing:
+        raise ModelLoadError(
+            f"'{folder}' has no exported ONNX graphs ({', '.join(missing or io_spec.GRAPH_FILES)}); "
+            f"run `edge-vit export onnx --vlm MODEL --out {folder}` first"
+        )
+    if not (path / io_spec.MANIFEST).is_file():
+        raise ModelLoadError(
+            f"'{folder}' holds graphs but no {io_spec.MANIFEST}: the export did not finish; "
+            f"run `edge-vit export onnx --vlm MODEL --out {folder}` again"
+        )
+    return path
+
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+def _session(path: Path, config: OrtConfig, providers: list) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    if config.threads is not None:
+        options.intra_op_num_threads = config.threads
+    options.log_severity_level = 3  # errors only; ORT warns about every node it leaves on CPU
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+@dataclass
+class _Cache:
+    """One generation's KV cache: ``past_key_values.*`` (numpy arrays or bound OrtValues) and its length."""
+
+    past: dict[str, Any]
+    length: int = 0
+    logits: np.ndarray | None = None  # IO binding: preallocated [1, 1, V] host buffer for decode steps
+
+
+class _Decoder:
+    """decoder_model_merged.onnx; ``run`` extends a ``_Cache`` and returns the last position's logits [V].
+
+    The cache lives in the caller's generation, not here, so one loaded model can serve generations
+    from several threads.
+    """
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.num_layers = sum(1 for name in inputs if name.startswith("past_key_values.")) // 2
+        self.past_names = io_spec.past_names(self.num_layers)
+        self.present_names = io_spec.present_names(self.num_layers)
+        self.output_names = io_spec.decoder_outputs(self.num_layers)
+        first = inputs[self.past_names[0]]
+        self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        self.cache_dtype = _NP_TYPES[first.type]
+        self.embed_dtype = _NP_TYPES[inputs["inputs_embeds"].type]
+
+    def _empty_past(self) -> np.ndarray:
+        return np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.cache_dtype)  # [B, H_kv, 0, Dh]
+
+    def new_cache(self) -> _Cache:
+        empty = self._empty_past()
+        return _Cache({name: empty for name in self.past_names})
+
+    def _feeds(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        seq = embeds.shape[1]
+        return {
+            "inputs_embeds": embeds.astype(self.embed_dtype, copy=False),  # [1, S, D]
+            "attention_mask": attention_mask,  # [1, P+S]
+            "position_ids": np.arange(cache.length, cache.length + seq, dtype=np.int64)[None],  # [1, S]
+        }
+
+
+class _PlainDecoder(_Decoder):
+    """``session.run`` with numpy in and out; the cache round-trips through numpy (no copy on CPU)."""
+
+    def run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feeds = self._feeds(cache, embeds, attention_mask)
+        feeds.update(cache.past)
+        outputs = self.session.run(self.output_names, feeds)
+        cache.past = dict(zip(self.past_names, outputs[1:]))
+        cache.length += embeds.shape[1]
+        return outputs[0][0, -1]  # [V]
+
+
+class _BoundDecoder(_Decoder):
+    """IO binding: the cache stays where the provider computed it; decode logits go to a preallocated buffer."""
+
+    def __init__(self, session: ort.InferenceSession, device: str, device_id: int) -> None:
+        super().__init__(session)
+        self.device, self.device_id = device, device_id
+        vocab = session.get_outputs()[0].shape[2]
+        self.vocab = int(vocab) if isinstance(vocab, int) else None
+
+    def new_cache(self) -> _Cache:
+        empty = ort.OrtValue.ortvalue_from_numpy(self._empty_past(), self.device, self.device_id)
+        logits = np.empty((1, 1, self.vocab), dtype=np.float32) if self.vocab else None
+        return _Cache({name: empty for name in self.past_names}, logits=logits)
+
+    def run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        binding = self.session.io_binding()
+        for name, value in self._feeds(cache, embeds, attention_mask).items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, value in cache.past.items():
+            binding.bind_ortvalue_input(name, value)
+        buffer = cache.logits if embeds.shape[1] == 1 else None
+        if buffer is not None:
+            binding.bind_output("logits", "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+        else:
+            binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, self.device, self.device_id)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        cache.past = dict(zip(self.past_names, outputs[1:]))
+        cache.length += embeds.shape[1]
+        logits = buffer if buffer is not None else outputs[0].numpy()
+        return logits[0, -1].copy()  # [V]
+
+
+class OnnxVLM:
+    """Three ONNX Runtime sessions plus the model's processor, behind the same interface as ``TorchVLM``."""
+
+    def __init__(self, name: str, vision: ort.InferenceSession, embed: ort.InferenceSession, decoder: _Decoder,
+                 processor: Any, model_config: Any, tiling: TilingPolicy = TilingPolicy.SINGLE,
+                 generation_config: Any = None, manifest: dict | None = None) -> None:
+        self.name = name
+        self.vision = vision  # vision_encoder.onnx
+        self.embed = embed  # embed_tokens.onnx
+        self.decoder = decoder  # decoder_model_merged.onnx with its cache handling
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tiling = TilingPolicy(tiling)
+        self.manifest = manifest or {}
+        self.model_type = check_model_type(model_config.model_type, name)
+        text_config = model_config.get_text_config()
+        self.max_context = int(getattr(text_config, "max_position_embeddings", 2048))
+        image_token = getattr(model_config, "image_token_id", None)
+        self.image_token_id = int(image_token if image_token is not None else model_config.image_token_index)
+        self.stop_ids = stop_token_ids(self.tokenizer, generation_config)
+        self.providers = decoder.session.get_providers()
+        self._vision_dtype = _NP_TYPES[vision.get_inputs()[0].type]
+        apply_tiling(processor, self.tiling)
+
+    @classmethod
+    def load(cls, folder: str | Path, *, ort_config: OrtConfig = OrtConfig(),
+             tiling: TilingPolicy = TilingPolicy.SINGLE, trust_remote_code: bool = False) -> "OnnxVLM":
+        """Open an ``edge-vit export onnx`` folder: three sessions, its processor, config and manifest."""
+        from transformers import AutoConfig, AutoProcessor, GenerationConfig as HFGenerationConfig
+
+        path = check_onnx_folder(folder)
+        providers = provider_list(ort_config)  # a missing provider fails before anything loads
+        try:
+            model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            check_model_type(model_config.model_type, str(folder))
+            processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load ONNX export '{folder}': {str(exc).splitlines()[0]}") from None
+        try:
+            generation_config = HFGenerationConfig.from_pretrained(path)
+        except OSError:
+            generation_config = None
+        manifest = json.loads((path / io_spec.MANIFEST).read_text(encoding="utf-8"))
+        vision = _session(path / io_spec.VISION_ENCODER, ort_config, providers)
+        embed = _session(path / io_spec.EMBED_TOKENS, ort_config, providers)
+        decoder_session = _session(path / io_spec.DECODER, ort_config, providers)
+        if ort_config.uses_io_binding:
+            device = "cpu" if ort_config.provider is ExecutionProvider.CPU else "cuda"
+            decoder: _Decoder = _BoundDecoder(decoder_session, device, ort_config.device_id)
+        else:
+            decoder = _PlainDecoder(decoder_session)
+        return cls(str(folder), vision, embed, decoder, processor, model_config, tiling=tiling,
+                   generation_config=generation_config, manifest=manifest)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _prepare(self, image: np.ndarray, prompt: str) -> dict[str, np.ndarray]:
+        return dict(self.processor(text=chat_text(self.processor, prompt), images=[bgr_to_pil(image)],
+                                   return_tensors="np"))
+
+    def _tiles(self, inputs: dict[str, np.ndarray]) -> np.ndarray:  # -> [tiles, 3, S, S]
+        pixels = inputs["pixel_values"]
+        if pixels.ndim == 5:  # Idefics3: [1, tiles, 3, S, S] (+ pixel_attention_mask [1, tiles, S, S])
+            mask = inputs.get("pixel_attention_mask")
+            if mask is not None and not np.all(mask):
+                raise RuntimeError("the exported vision encoder takes full tiles only; the processor padded a tile")
+            pixels = pixels[0]
+        return np.ascontiguousarray(pixels, dtype=self._vision_dtype)
+
+    def _embed(self, input_ids: np.ndarray) -> np.ndarray:  # [1, S] -> [1, S, D]
+        return self.embed.run(None, {"input_ids": input_ids.astype(np.int64, copy=False)})[0]
+
+    def generate(
+        self,
+        image: np.ndarray,
+        prompt: str,
+        config: GenerationConfig = GenerationConfig(),
+        cancel: threading.Event | None = None,
+    ) -> Iterator[Step]:
+        stats = GenerationStats()
+        t_start = time.perf_counter()
+        inputs = self._prepare(image, prompt)
+        input_ids = inputs["input_ids"].astype(np.int64)  # [1, T]
+        stats.prompt_tokens = int(input_ids.shape[1])
+        check_context(stats.prompt_tokens, config, self.max_context)
+        tiles = self._tiles(inputs)
+        t_pre = time.perf_counter()
+        stats.preprocess_ms = (t_pre - t_start) * 1000
+
+        feats = self.vision.run(None, {"pixel_values": tiles})[0]  # [tiles, tokens_per_tile, D]
+        feats = feats.reshape(-1, feats.shape[-1])  # [N_img, D]
+        t_vis = time.perf_counter()
+        stats.vision_ms = (t_vis - t_pre) * 1000
+        mask = input_ids[0] == self.image_token_id  # [T]
+        stats.image_tokens = int(mask.sum())
+        stats.tiles = int(tiles.shape[0])
+        if stats.image_tokens != feats.shape[0]:
+            raise RuntimeError(f"{stats.image_tokens} image tokens in the prompt but {feats.shape[0]} features")
+        embeds = self._embed(input_ids)  # [1, T, D]
+        embeds[0, mask] = feats.astype(embeds.dtype, copy=False)
+        # One ones-row for the whole generation; each step passes a view of it as the attention mask.
+        ones = np.ones((1, stats.prompt_tokens + config.max_new_tokens), dtype=np.int64)
+        attention = inputs["attention_mask"].astype(np.int64)  # [1, T]
+        decoder = self.decoder
+        cache = decoder.new_cache()
+        logits = decoder.run(cache, embeds, attention)  # [V]
+        stats.prefill_ms = (time.perf_counter() - t_vis) * 1000
+
+        def step(token: int) -> np.ndarray:
+            step_embeds = self._embed(np.array([[token]], dtype=np.int64))  # [1, 1, D]
+            return decoder.run(cache, step_embeds, ones[:, : cache.length + 1])
+
+        yield from decode_stream(logits, step, self.tokenizer, self.stop_ids, config, cancel, stats, t_start)

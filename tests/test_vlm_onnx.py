@@ -1,0 +1,179 @@
+"""The ONNX Runtime backend on exported tiny Idefics3 and LLaVA models: same tokens, text and stats as torch."""
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_vit.errors import EdgeVitError, ModelLoadError, PromptTooLongError
+from edge_vit.vlm import Backend, GenerationConfig, TilingPolicy, collect, load_vlm
+from edge_vit.vlm.onnx_backend import ExecutionProvider, OnnxVLM, OrtConfig, provider_list
+from export import io_spec
+from export.onnx_export import export_vlm_onnx
+
+PROMPT = "How many circles are there?"
+
+
+@pytest.fixture(scope="module")
+def frame():
+    return np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_idefics3, tiny_llava, tmp_path_factory):
+    """model kind -> (source model folder, export folder)."""
+    out = {}
+    for kind, source in (("idefics3", tiny_idefics3), ("llava", tiny_llava)):
+        folder = tmp_path_factory.mktemp(f"vlm-onnx-{kind}")
+        export_vlm_onnx(source, folder)
+        out[kind] = (str(source), str(folder))
+    return out
+
+
+@pytest.fixture(scope="module", params=["idefics3", "llava"])
+def pair(request, folders):
+    """(torch VLM, onnx VLM) of the same model."""
+    source, folder = folders[request.param]
+    return load_vlm(source, Backend.TORCH), load_vlm(folder, Backend.ONNX, threads=2)
+
+
+def _tokens(vlm, frame, cfg, prompt=PROMPT):
+    return [s.token_id for s in vlm.generate(frame, prompt, cfg) if not s.done]
+
+
+def test_32_greedy_tokens_identical_to_torch(pair, frame):
+    torch_vlm, onnx_vlm = pair
+    cfg = GenerationConfig(max_new_tokens=32, min_new_tokens=32)
+    ours = _tokens(onnx_vlm, frame, cfg)
+    assert len(ours) == 32 and ours == _tokens(torch_vlm, frame, cfg)
+
+
+def test_load_vlm_streams_the_same_text_as_torch(pair, frame):
+    torch_vlm, onnx_vlm = pair
+    cfg = GenerationConfig(max_new_tokens=24, min_new_tokens=24)
+    t_steps = list(torch_vlm.generate(frame, "Describe the scene.", cfg))
+    o_steps = list(onnx_vlm.generate(frame, "Describe the scene.", cfg))
+    assert [s.text for s in o_steps[:-1]] == [s.text for s in t_steps[:-1]]
+    assert "".join(s.text for s in o_steps[:-1]).strip() == collect(iter(t_steps))[0]
+    t_stats, o_stats = t_steps[-1].stats, o_steps[-1].stats
+    for key in ("prompt_tokens", "image_tokens", "tiles", "new_tokens", "decode_steps", "finish_reason"):
+        assert getattr(o_stats, key) == getattr(t_stats, key), key
+    assert o_stats.new_tokens == 24 and o_stats.decode_steps == 23 and o_stats.finish_reason == "length"
+    assert o_stats.ttft_ms > 0 and o_stats.decode_tok_s > 0 and o_stats.vision_ms > 0 and o_stats.prefill_ms > 0
+
+
+def test_eos_stops_like_torch(pair, frame):
+    torch_vlm, onnx_vlm = pair
+    cfg = GenerationConfig(max_new_tokens=48)  # stop tokens allowed: both end at the same place
+    t_text, t_stats = collect(torch_vlm.generate(frame, PROMPT, cfg))
+    o_text, o_stats = collect(onnx_vlm.generate(frame, PROMPT, cfg))
+    assert (o_text, o_stats.new_tokens, o_stats.finish_reason) == (t_text, t_stats.new_tokens, t_stats.finish_reason)
+
+
+def test_attributes_and_count_tokens(pair):
+    torch_vlm, onnx_vlm = pair
+    assert onnx_vlm.max_context == torch_vlm.max_context == 512
+    assert Path(onnx_vlm.name).is_dir() and onnx_vlm.providers == ["CPUExecutionProvider"]
+    for text in ("", "two red circles at top-left"):
+        assert onnx_vlm.count_tokens(text) == torch_vlm.count_tokens(text)
+
+
+def test_cancel_and_prompt_too_long(pair, frame):
+    _, onnx_vlm = pair
+    cancel = threading.Event()
+    cancel.set()
+    _, stats = collect(onnx_vlm.generate(frame, "Describe.", GenerationConfig(max_new_tokens=30, min_new_tokens=30),
+                                         cancel))
+    assert stats.finish_reason == "cancelled" and stats.new_tokens == 1
+    with pytest.raises(PromptTooLongError, match="exceeds the model's context of 512"):
+        collect(onnx_vlm.generate(frame, "red circle " * 400, GenerationConfig(max_new_tokens=8)))
+
+
+def test_split_tiling_runs_five_tiles_like_torch(folders, frame):
+    source, folder = folders["idefics3"]
+    cfg = GenerationConfig(max_new_tokens=16, min_new_tokens=16)
+    torch_vlm = load_vlm(source, tiling=TilingPolicy.SPLIT)
+    onnx_vlm = load_vlm(folder, Backend.ONNX, tiling=TilingPolicy.SPLIT)
+    steps = list(onnx_vlm.generate(frame, PROMPT, cfg))
+    assert [s.token_id for s in steps[:-1]] == _tokens(torch_vlm, frame, cfg)
+    assert steps[-1].stats.tiles == 5 and steps[-1].stats.image_tokens == 20
+
+
+@pytest.mark.parametrize("kind", ["idefics3", "llava"])
+def test_io_binding_path_gives_the_same_tokens(kind, folders, frame):
+    """The IO-binding decoder (the CUDA path) run on CPU: same tokens as plain ``run``."""
+    _, folder = folders[kind]
+    cfg = GenerationConfig(max_new_tokens=16, min_new_tokens=16)
+    plain = OnnxVLM.load(folder, ort_config=OrtConfig(threads=1, io_binding=False))
+    bound = OnnxVLM.load(folder, ort_config=OrtConfig(threads=1, io_binding=True))
+    assert type(bound.decoder).__name__ == "_BoundDecoder" and type(plain.decoder).__name__ == "_PlainDecoder"
+    assert _tokens(bound, frame, cfg) == _tokens(plain, frame, cfg)
+
+
+def test_session_options_threads_and_optimization(folders):
+    import onnxruntime as ort
+
+    vlm = OnnxVLM.load(folders["llava"][1], ort_config=OrtConfig(threads=1))
+    for session in (vlm.vision, vlm.embed, vlm.decoder.session):
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == 1
+        assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
+def test_folder_without_graphs_says_to_export_first(tiny_idefics3, tmp_path):
+    for folder in (tiny_idefics3, tmp_path / "missing"):
+        with pytest.raises(ModelLoadError, match="run `edge-vit export onnx") as info:
+            load_vlm(str(folder), Backend.ONNX)
+        assert "\n" not in str(info.value)
+
+
+def test_folder_without_manifest_is_an_unfinished_export(folders, tmp_path):
+    import shutil
+
+    copy = tmp_path / "partial"
+    shutil.copytree(folders["llava"][1], copy)
+    (copy / io_spec.MANIFEST).unlink()
+    with pytest.raises(ModelLoadError, match="did not finish"):
+        load_vlm(str(copy), Backend.ONNX)
+
+
+@pytest.mark.parametrize("device, provider", [("cuda", None), ("cpu", "tensorrt"), ("cuda:1", "cuda")])
+def test_unavailable_provider_is_one_line_naming_the_install(device, provider, folders):
+    import onnxruntime as ort
+
+    wanted = OrtConfig.for_device(device, provider=provider).provider
+    if {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}[wanted.value] in \
+            ort.get_available_providers():
+        pytest.skip("this onnxruntime has the provider")
+    with pytest.raises(EdgeVitError, match=r"pip install edge-vit\[gpu\]") as info:
+        load_vlm(folders["llava"][1], Backend.ONNX, device=device, provider=provider)
+    assert "\n" not in str(info.value) and wanted.value in str(info.value)
+
+
+def test_provider_lists():
+    every = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert provider_list(OrtConfig(), every) == ["CPUExecutionProvider"]
+    assert provider_list(OrtConfig.for_device("cuda:1"), every) == [
+        ("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    trt = OrtConfig.for_device("cuda", provider="tensorrt")
+    assert trt.provider is ExecutionProvider.TENSORRT and trt.uses_io_binding
+    assert [p[0] if isinstance(p, tuple) else p for p in provider_list(trt, every)] == every
+    assert not OrtConfig().uses_io_binding
+    with pytest.raises(EdgeVitError, match="device must be"):
+        OrtConfig.for_device("mps")
+
+
+def test_onnx_backend_rejects_a_torch_dtype(folders):
+    with pytest.raises(EdgeVitError, match="float32"):
+        load_vlm(folders["llava"][1], Backend.ONNX, dtype="bfloat16")
+
+
+def test_importing_the_onnx_backend_pulls_no_torch_or_optimum():
+    code = ("import sys, edge_vit, edge_vit.vlm, edge_vit.vlm.onnx_backend, export.io_spec; "
+            "bad = [m for m in ('torch', 'optimum', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
