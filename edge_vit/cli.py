@@ -14,25 +14,12 @@ import signal
 import sys
 from pathlib import Path
 
+from edge_vit.argtypes import nonneg_float, positive_int
 from edge_vit.errors import EdgeVitError
 
 DEFAULT_VLM = "HuggingFaceTB/SmolVLM-256M-Instruct"
 DEFAULT_DETECTOR = "yolo26n.pt"
 DEFAULT_PROMPT = "Describe what you see in one sentence."
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def add_run_arguments(p: argparse.ArgumentParser, *, source_required: bool = True) -> None:
@@ -42,10 +29,10 @@ def add_run_arguments(p: argparse.ArgumentParser, *, source_required: bool = Tru
     g = p.add_argument_group("input")
     g.add_argument("--source", required=source_required,
                    help="webcam index (0), device (/dev/video0), video file, RTSP/HTTP URL or image folder")
-    g.add_argument("--max-frames", type=_positive_int, default=None, help="stop after N frames")
+    g.add_argument("--max-frames", type=positive_int, default=None, help="stop after N frames")
     g.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=False,
                    help="play files at their native fps and drop frames when behind, like a live camera")
-    g.add_argument("--stall-timeout", type=_nonneg_float, default=5.0,
+    g.add_argument("--stall-timeout", type=nonneg_float, default=5.0,
                    help="live sources: reconnect when no frame arrives for this many seconds")
     g = p.add_argument_group("detector")
     g.add_argument("--detector", default=DEFAULT_DETECTOR, help="Ultralytics model: .pt, .yaml, .onnx or .engine")
@@ -60,7 +47,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *, source_required: bool = Tru
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0 (VLM and detector)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="torch backend dtype")
     g.add_argument("--prompt", default=DEFAULT_PROMPT, help="the instruction the VLM answers about each chosen frame")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    g.add_argument("--max-new-tokens", type=positive_int, default=48)
     g.add_argument("--tiling", choices=[t.value for t in TilingPolicy], default=TilingPolicy.SINGLE.value,
                    help="single: one vision tile per frame (fast); split: the processor's own image splitting")
     g.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
@@ -69,15 +56,15 @@ def add_run_arguments(p: argparse.ArgumentParser, *, source_required: bool = Tru
     g.add_argument("--grounding", action=argparse.BooleanOptionalAction, default=True,
                    help="put the detections (classes, counts, positions) into the prompt")
     g.add_argument("--positions", choices=[s.value for s in PositionStyle], default=PositionStyle.WORDS.value)
-    g.add_argument("--grounding-tokens", type=_positive_int, default=96, help="token budget of the grounding text")
+    g.add_argument("--grounding-tokens", type=positive_int, default=96, help="token budget of the grounding text")
     g = p.add_argument_group("when to answer")
-    g.add_argument("--every", type=_nonneg_float, default=5.0, help="answer at least every N seconds (0: every frame)")
+    g.add_argument("--every", type=nonneg_float, default=5.0, help="answer at least every N seconds (0: every frame)")
     g.add_argument("--on-change", action=argparse.BooleanOptionalAction, default=True,
                    help="answer when the detected classes or counts change")
     g = p.add_argument_group("output")
     g.add_argument("--jsonl", default=None, help="write events (detections, answers, status) to this JSONL file")
     g.add_argument("--save-video", default=None, help="write the annotated video here (.mp4 or .avi)")
-    g.add_argument("--status-every", type=_nonneg_float, default=5.0, help="seconds between status events")
+    g.add_argument("--status-every", type=nonneg_float, default=5.0, help="seconds between status events")
     g.add_argument("--quiet", action="store_true", help="no console output (files only)")
 
 
@@ -190,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("demo", help="the whole pipeline on a bundled offline clip")
     p.add_argument("--workdir", default=".demo", help="where demo models and outputs are written")
-    p.add_argument("--frames", type=_positive_int, default=90, help="length of the demo clip")
+    p.add_argument("--frames", type=positive_int, default=90, help="length of the demo clip")
     p.add_argument("--prompt", default="How many shapes are there, and where?")
     p.set_defaults(func=cmd_demo)
     from finetune.cli import add_finetune_commands

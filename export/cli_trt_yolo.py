@@ -12,19 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+from edge_vit.argtypes import positive_float, positive_int
 
 
 def add_trt_yolo_commands(kinds) -> None:
@@ -42,13 +30,13 @@ def add_trt_yolo_commands(kinds) -> None:
                    help="fp16 kernels (normalization kept in fp32) and an fp16 KV cache")
     p.add_argument("--int8", action="store_true", help="INT8 kernels where the graphs carry Q/DQ nodes")
     p.add_argument("--fp8", action="store_true", help="FP8 kernels where the graphs carry Q/DQ nodes (sm_89+)")
-    p.add_argument("--max-tiles", type=_positive_int, default=None,
+    p.add_argument("--max-tiles", type=positive_int, default=None,
                    help="most image tiles per frame (default: the most the export's processor makes)")
-    p.add_argument("--max-prompt", type=_positive_int, default=None,
+    p.add_argument("--max-prompt", type=positive_int, default=None,
                    help="most prompt tokens, image included (default: all tiles + 512 text tokens)")
-    p.add_argument("--max-context", type=_positive_int, default=None,
+    p.add_argument("--max-context", type=positive_int, default=None,
                    help="most tokens of prompt + answer (default: the model's max_position_embeddings)")
-    p.add_argument("--workspace-gb", type=_positive_float, default=None, help="TensorRT scratch limit while building")
+    p.add_argument("--workspace-gb", type=positive_float, default=None, help="TensorRT scratch limit while building")
     p.add_argument("--timing-cache", default=None,
                    help="timing cache file to load and update (default: OUT/timing.cache)")
     p.add_argument("--plan-only", action="store_true",
@@ -67,7 +55,7 @@ def add_trt_yolo_commands(kinds) -> None:
     p.add_argument("--int8", action="store_true", help="INT8, calibrated on --data")
     p.add_argument("--data", default=None, help="dataset YAML with local images, for --int8 calibration")
     p.add_argument("--device", default=None, help="engine: CUDA device (default 0)")
-    p.add_argument("--workspace-gb", type=_positive_float, default=None, help="engine: TensorRT scratch limit")
+    p.add_argument("--workspace-gb", type=positive_float, default=None, help="engine: TensorRT scratch limit")
     p.add_argument("--out", default=None,
                    help="output file (default: next to the .pt, where `edge-vit run --detector X.pt` finds it)")
     p.set_defaults(func=cmd_export_yolo)
