@@ -1,7 +1,10 @@
-"""``edge-vit finetune``: thin subcommands over ``finetune.shapes`` and ``finetune.instruct``.
+"""``edge-vit finetune``: thin subcommands over the ``finetune`` library.
 
     edge-vit finetune shapes --out DIR --images N --seed S [--imgsz 320] [--clips K --clip-frames F]
     edge-vit finetune data --dataset data.yaml --out DIR [--split train] [--teacher template|openai] ...
+    edge-vit finetune train [--config recipe.yaml] --model DIR --data DIR/instruct.json --out DIR --stage 1|2 ...
+    edge-vit finetune merge --base MODEL --adapter DIR --out DIR
+    edge-vit finetune eval --vlm DIR [--adapter DIR] --detector PATH [--seed S] [--size N] [--out DIR] ...
 
 :func:`add_finetune_commands` registers them on the main parser's subparsers.
 """
@@ -45,7 +48,7 @@ def _positive_float(text: str) -> float:
 
 
 def add_finetune_commands(subparsers) -> None:
-    """Register ``finetune`` with its subcommands ``shapes`` and ``data`` on ``subparsers``."""
+    """Register ``finetune`` with its subcommands (shapes, data, train, merge, eval) on ``subparsers``."""
     from edge_vit.grounding import PositionStyle
     from finetune.instruct import SampleKind
     from finetune.teachers import DEFAULT_PROMPT_VERSION
@@ -94,6 +97,107 @@ def add_finetune_commands(subparsers) -> None:
     t.add_argument("--temperature", type=float, default=0.2)
     d.set_defaults(func=cmd_data)
     d.epilog = "The openai teacher sends the API key from the environment variable OPENAI_API_KEY, if set."
+    _add_train(sub)
+    _add_merge(sub)
+    _add_eval(sub)
+
+
+def _add_train(sub) -> None:
+    from edge_vit.vlm import TilingPolicy
+    from finetune.lora import LORA_MODULES
+
+    # Every option defaults to None ("not given"), so a --config recipe's value stands unless a flag is given.
+    t = sub.add_parser("train", help="LoRA visual instruction tuning (stage 1: connector, stage 2: LoRA on the LM)",
+                       description="Flags override the --config recipe; the recipe overrides the built-in defaults. "
+                                   "Runs under torchrun / accelerate launch for several processes.")
+    t.add_argument("--config", default=None, help="a YAML recipe (finetune/recipes/*.yaml)")
+    t.add_argument("--model", default=None, help="base model folder or cached hub id (Idefics3/SmolVLM, LLaVA)")
+    t.add_argument("--data", default=None, help="instruct.json written by 'edge-vit finetune data'")
+    t.add_argument("--out", default=None, help="output folder for the adapter, checkpoints, loss log and plot")
+    t.add_argument("--stage", type=int, choices=[1, 2], default=None,
+                   help="1: train the connector (alignment); 2: LoRA on the language model (default)")
+    t.add_argument("--epochs", type=_positive_int, default=None)
+    t.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps (overrides --epochs)")
+    t.add_argument("--lr", type=_positive_float, default=None)
+    t.add_argument("--min-lr-ratio", type=_fraction, default=None, help="cosine decay ends at lr * this")
+    t.add_argument("--warmup-ratio", type=_fraction, default=None)
+    t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping (0: off)")
+    t.add_argument("--batch-size", type=_positive_int, default=None, help="samples per micro-batch per process")
+    t.add_argument("--grad-accum", type=_positive_int, default=None, help="micro-batches per optimizer step")
+    t.add_argument("--lora-r", type=_positive_int, default=None)
+    t.add_argument("--lora-alpha", type=_positive_float, default=None)
+    t.add_argument("--lora-dropout", type=_fraction, default=None)
+    t.add_argument("--lora-modules", nargs="+", choices=list(LORA_MODULES), default=None,
+                   help="linear layers of the text model's decoder layers that get LoRA (default: all)")
+    t.add_argument("--train-connector", action=argparse.BooleanOptionalAction, default=None,
+                   help="stage 2: train the connector too (stage 1 always does)")
+    t.add_argument("--modules-to-save", nargs="*", default=None, metavar="MODULE",
+                   help="whole modules trained and saved with the adapter, e.g. lm_head (needed for a model "
+                        "trained from scratch); give none to clear the recipe's list")
+    t.add_argument("--save-every", type=_nonneg_int, default=None, help="checkpoint every N steps (0: none)")
+    t.add_argument("--keep-checkpoints", type=_positive_int, default=None)
+    t.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue from the latest checkpoint in --out")
+    t.add_argument("--seed", type=_nonneg_int, default=None)
+    t.add_argument("--tiling", choices=[p.value for p in TilingPolicy], default=None,
+                   help="vision tiles per image, as the runtime's --tiling (default single)")
+    t.add_argument("--max-length", type=_positive_int, default=None, help="tokens per sample (default: the context)")
+    t.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="bf16: autocast, fp32 master weights")
+    t.add_argument("--device", default=None, help="auto (default), cpu, cuda")
+    t.add_argument("--image-root", default=None, help="dataset root for the samples' image paths "
+                                                      "(default: from manifest.json)")
+    t.add_argument("--workers", type=_nonneg_int, default=None, help="DataLoader worker processes")
+    t.add_argument("--log-every", type=_positive_int, default=None)
+    t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm progress bar")
+    t.set_defaults(func=cmd_train)
+
+
+def _add_merge(sub) -> None:
+    m = sub.add_parser("merge", help="merge a LoRA adapter into its base: a full model folder (weights + processor)")
+    m.add_argument("--base", required=True, help="the base model the adapter was trained on")
+    m.add_argument("--adapter", required=True, help="adapter folder written by 'edge-vit finetune train'")
+    m.add_argument("--out", required=True, help="output folder (empty or absent)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    m.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="replace a merged model already in --out")
+    m.set_defaults(func=cmd_merge)
+
+
+def _add_eval(sub) -> None:
+    from edge_vit.grounding import PositionStyle
+    from edge_vit.vlm import TilingPolicy
+
+    e = sub.add_parser("eval", help="held-out shapes benchmark through the runtime (detector -> grounding -> VLM)")
+    e.add_argument("--vlm", required=True, help="model folder (a merged model, or the base with --adapter)")
+    e.add_argument("--adapter", default=None, help="a LoRA adapter to merge into --vlm in memory")
+    e.add_argument("--detector", required=True, help="Ultralytics model (.pt/.onnx/.engine) trained on the shapes")
+    e.add_argument("--seed", type=_nonneg_int, default=1000, help="benchmark seed (scenes come from their own "
+                                                                  "random stream, apart from the training splits)")
+    e.add_argument("--size", type=_positive_int, default=50, help="benchmark images")
+    e.add_argument("--imgsz", type=int, default=320, help="benchmark image side in pixels (>= 64)")
+    e.add_argument("--per-kind", type=_positive_int, default=1, help="questions per kind per image")
+    e.add_argument("--ungrounded", action=argparse.BooleanOptionalAction, default=True,
+                   help="also ask every question without the grounding text")
+    e.add_argument("--out", default=None, help="keep the benchmark, answers.jsonl and report.json here "
+                                               "(default: a temporary folder, removed)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    e.add_argument("--tiling", choices=[p.value for p in TilingPolicy], default=TilingPolicy.SINGLE.value)
+    e.add_argument("--max-new-tokens", type=_positive_int, default=16)
+    e.add_argument("--conf", type=float, default=0.25, help="detector confidence threshold")
+    e.add_argument("--detector-imgsz", type=int, default=None, help="detector input size (default: --imgsz)")
+    e.add_argument("--positions", choices=[s.value for s in PositionStyle], default=PositionStyle.WORDS.value)
+    e.add_argument("--grounding-tokens", type=_positive_int, default=96)
+    e.add_argument("--map", action=argparse.BooleanOptionalAction, default=True,
+                   help="validate the detector on the benchmark (Ultralytics mAP50)")
+    e.add_argument("--judge-endpoint", default=None, help="OpenAI-compatible API base for a 1-10 judge score")
+    e.add_argument("--judge-model", default=None, help="model name the judge endpoint serves")
+    e.add_argument("--judge-timeout", type=_positive_float, default=60.0)
+    e.add_argument("--judge-retries", type=_nonneg_int, default=3)
+    e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
+    e.set_defaults(func=cmd_eval)
+    e.epilog = "The judge sends the API key from the environment variable OPENAI_API_KEY, if set."
 
 
 def cmd_shapes(args: argparse.Namespace) -> int:
@@ -141,4 +245,90 @@ def cmd_data(args: argparse.Namespace) -> int:
           f"({', '.join(f'{v} {k}' for k, v in counts['by_kind'].items())}); skipped "
           f"{skipped['bad_label_lines']} bad label lines, {skipped['teacher_failures']} samples: "
           f"{Path(args.out) / 'instruct.json'}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from finetune.train import TrainConfig, run_training
+
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    overrides = {name: getattr(args, name, None) for name in fields}
+    config = TrainConfig.from_sources(args.config, **overrides)
+    summary = run_training(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from finetune.merge import merge_adapter
+
+    out = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"merged {args.adapter} into {args.base}: {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+    import tempfile
+
+    from edge_vit.detector import Detector, DetectorConfig, check_detector_path
+    from edge_vit.errors import EdgeVitError
+    from edge_vit.grounding import GroundingConfig, PositionStyle
+    from edge_vit.vlm import GenerationConfig
+    from edge_vit.vlm.torch_backend import check_model_folder
+    from finetune.evaluate import BenchConfig, evaluate, format_table
+    from finetune.merge import load_vlm_with_adapter, read_adapter_config
+
+    bench = BenchConfig(seed=args.seed, size=args.size, imgsz=args.imgsz, per_kind=args.per_kind)
+    detector_imgsz = args.detector_imgsz or max(32, args.imgsz // 32 * 32)
+    # Cheap checks first: a missing model, adapter or detector fails before anything is rendered or loaded.
+    check_model_folder(args.vlm)
+    if args.adapter:
+        read_adapter_config(args.adapter)
+    check_detector_path(args.detector)
+    if bool(args.judge_endpoint) != bool(args.judge_model):
+        raise EdgeVitError("the judge needs both --judge-endpoint and --judge-model")
+    judge = None
+    if args.judge_endpoint:
+        from finetune.teachers import OpenAITeacher, load_prompts
+
+        judge = OpenAITeacher(args.judge_endpoint, args.judge_model, load_prompts(),
+                              api_key=os.environ.get("OPENAI_API_KEY") or None, timeout_s=args.judge_timeout,
+                              max_retries=args.judge_retries, temperature=0.0)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="edge-vit-eval-"))
+    if out.exists() and not out.is_dir():
+        raise EdgeVitError(f"--out {out} exists and is not a folder")
+    root = out / "benchmark"
+    if root.exists():
+        if not (root / "questions.json").is_file():
+            raise EdgeVitError(f"{root} exists and is not a benchmark folder; not deleting anything there")
+        shutil.rmtree(root)
+    try:
+        detector = Detector.load(DetectorConfig(model=args.detector, conf=args.conf, imgsz=detector_imgsz,
+                                                device=args.device))
+        vlm = load_vlm_with_adapter(args.vlm, args.adapter, device=args.device, dtype=args.dtype, tiling=args.tiling)
+        report, records = evaluate(
+            vlm=vlm, detector=detector, bench=bench, root=root,
+            generation=GenerationConfig(max_new_tokens=args.max_new_tokens),
+            grounding=GroundingConfig(positions=PositionStyle(args.positions), max_tokens=args.grounding_tokens),
+            ungrounded=args.ungrounded, detector_path=args.detector if args.map else None,
+            detector_imgsz=detector_imgsz, device=args.device, judge=judge, progress=args.progress,
+        )
+        report.update({"vlm": args.vlm, "adapter": args.adapter, "detector": args.detector})
+        if args.out:
+            with open(out / "answers.jsonl", "w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+            report["out"] = str(out.absolute())
+            (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    finally:
+        if not args.out:
+            shutil.rmtree(out, ignore_errors=True)
+    print(format_table(report))
+    print(json.dumps(report))
     return 0
