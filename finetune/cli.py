@@ -16,35 +16,9 @@ import os
 import sys
 from pathlib import Path
 
+from edge_vit.argtypes import fraction, nonneg_int, positive_float, positive_int
+
 __all__ = ["add_finetune_commands"]
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def add_finetune_commands(subparsers) -> None:
@@ -58,16 +32,16 @@ def add_finetune_commands(subparsers) -> None:
 
     s = sub.add_parser("shapes", help="write the synthetic shapes world: a YOLO dataset (+ attributes) and clips")
     s.add_argument("--out", required=True, help="output folder (must be empty or absent, unless --overwrite)")
-    s.add_argument("--images", type=_positive_int, default=1000, help="images in all splits together")
-    s.add_argument("--seed", type=_nonneg_int, default=0)
+    s.add_argument("--images", type=positive_int, default=1000, help="images in all splits together")
+    s.add_argument("--seed", type=nonneg_int, default=0)
     s.add_argument("--imgsz", type=int, default=320, help="image side in pixels (>= 64)")
-    s.add_argument("--min-objects", type=_nonneg_int, default=0)
-    s.add_argument("--max-objects", type=_nonneg_int, default=6)
-    s.add_argument("--val-fraction", type=_fraction, default=0.2)
-    s.add_argument("--test-fraction", type=_fraction, default=0.1)
-    s.add_argument("--clips", type=_nonneg_int, default=0, help="short mp4 clips of moving shapes, with JSONL truth")
-    s.add_argument("--clip-frames", type=_positive_int, default=90)
-    s.add_argument("--clip-fps", type=_positive_float, default=15.0)
+    s.add_argument("--min-objects", type=nonneg_int, default=0)
+    s.add_argument("--max-objects", type=nonneg_int, default=6)
+    s.add_argument("--val-fraction", type=fraction, default=0.2)
+    s.add_argument("--test-fraction", type=fraction, default=0.1)
+    s.add_argument("--clips", type=nonneg_int, default=0, help="short mp4 clips of moving shapes, with JSONL truth")
+    s.add_argument("--clip-frames", type=positive_int, default=90)
+    s.add_argument("--clip-fps", type=positive_float, default=15.0)
     s.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="replace a shapes dataset already in --out")
     s.set_defaults(func=cmd_shapes)
@@ -76,24 +50,24 @@ def add_finetune_commands(subparsers) -> None:
     d.add_argument("--dataset", required=True, help="the dataset's data.yaml")
     d.add_argument("--out", required=True, help="folder for instruct.json and manifest.json")
     d.add_argument("--split", default="train", help="train, val or test")
-    d.add_argument("--seed", type=_nonneg_int, default=0)
-    d.add_argument("--samples-per-image", type=_positive_int, default=3)
+    d.add_argument("--seed", type=nonneg_int, default=0)
+    d.add_argument("--samples-per-image", type=positive_int, default=3)
     d.add_argument("--kinds", default=",".join(k.value for k in SampleKind),
                    help="comma-separated sample kinds, cycled per image")
-    d.add_argument("--ungrounded-fraction", type=_fraction, default=0.0,
+    d.add_argument("--ungrounded-fraction", type=fraction, default=0.0,
                    help="fraction of samples written without the grounding text (ablations)")
     g = d.add_argument_group("grounding (use the values the runtime will use)")
     g.add_argument("--positions", choices=[s.value for s in PositionStyle], default=PositionStyle.WORDS.value)
-    g.add_argument("--grounding-tokens", type=_positive_int, default=96, help="token budget of the grounding text")
+    g.add_argument("--grounding-tokens", type=positive_int, default=96, help="token budget of the grounding text")
     t = d.add_argument_group("teacher")
     t.add_argument("--teacher", choices=["template", "openai"], default="template",
                    help="template: exact answers from the labels, offline; openai: an OpenAI-compatible endpoint")
     t.add_argument("--prompt-version", default=DEFAULT_PROMPT_VERSION, help="folder under finetune/prompts/")
     t.add_argument("--endpoint", default="http://127.0.0.1:8000/v1", help="openai: API base URL")
     t.add_argument("--model", default=None, help="openai: model name the endpoint serves")
-    t.add_argument("--timeout", type=_positive_float, default=60.0, help="openai: seconds per request")
-    t.add_argument("--retries", type=_nonneg_int, default=3, help="openai: retries on 429/5xx/timeouts")
-    t.add_argument("--backoff", type=_positive_float, default=0.5, help="openai: first retry wait, doubled each time")
+    t.add_argument("--timeout", type=positive_float, default=60.0, help="openai: seconds per request")
+    t.add_argument("--retries", type=nonneg_int, default=3, help="openai: retries on 429/5xx/timeouts")
+    t.add_argument("--backoff", type=positive_float, default=0.5, help="openai: first retry wait, doubled each time")
     t.add_argument("--temperature", type=float, default=0.2)
     d.set_defaults(func=cmd_data)
     d.epilog = "The openai teacher sends the API key from the environment variable OPENAI_API_KEY, if set."
@@ -116,18 +90,18 @@ def _add_train(sub) -> None:
     t.add_argument("--out", default=None, help="output folder for the adapter, checkpoints, loss log and plot")
     t.add_argument("--stage", type=int, choices=[1, 2], default=None,
                    help="1: train the connector (alignment); 2: LoRA on the language model (default)")
-    t.add_argument("--epochs", type=_positive_int, default=None)
-    t.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps (overrides --epochs)")
-    t.add_argument("--lr", type=_positive_float, default=None)
-    t.add_argument("--min-lr-ratio", type=_fraction, default=None, help="cosine decay ends at lr * this")
-    t.add_argument("--warmup-ratio", type=_fraction, default=None)
+    t.add_argument("--epochs", type=positive_int, default=None)
+    t.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
+    t.add_argument("--lr", type=positive_float, default=None)
+    t.add_argument("--min-lr-ratio", type=fraction, default=None, help="cosine decay ends at lr * this")
+    t.add_argument("--warmup-ratio", type=fraction, default=None)
     t.add_argument("--weight-decay", type=float, default=None)
     t.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping (0: off)")
-    t.add_argument("--batch-size", type=_positive_int, default=None, help="samples per micro-batch per process")
-    t.add_argument("--grad-accum", type=_positive_int, default=None, help="micro-batches per optimizer step")
-    t.add_argument("--lora-r", type=_positive_int, default=None)
-    t.add_argument("--lora-alpha", type=_positive_float, default=None)
-    t.add_argument("--lora-dropout", type=_fraction, default=None)
+    t.add_argument("--batch-size", type=positive_int, default=None, help="samples per micro-batch per process")
+    t.add_argument("--grad-accum", type=positive_int, default=None, help="micro-batches per optimizer step")
+    t.add_argument("--lora-r", type=positive_int, default=None)
+    t.add_argument("--lora-alpha", type=positive_float, default=None)
+    t.add_argument("--lora-dropout", type=fraction, default=None)
     t.add_argument("--lora-modules", nargs="+", choices=list(LORA_MODULES), default=None,
                    help="linear layers of the text model's decoder layers that get LoRA (default: all)")
     t.add_argument("--train-connector", action=argparse.BooleanOptionalAction, default=None,
@@ -135,20 +109,20 @@ def _add_train(sub) -> None:
     t.add_argument("--modules-to-save", nargs="*", default=None, metavar="MODULE",
                    help="whole modules trained and saved with the adapter, e.g. lm_head (needed for a model "
                         "trained from scratch); give none to clear the recipe's list")
-    t.add_argument("--save-every", type=_nonneg_int, default=None, help="checkpoint every N steps (0: none)")
-    t.add_argument("--keep-checkpoints", type=_positive_int, default=None)
+    t.add_argument("--save-every", type=nonneg_int, default=None, help="checkpoint every N steps (0: none)")
+    t.add_argument("--keep-checkpoints", type=positive_int, default=None)
     t.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="continue from the latest checkpoint in --out")
-    t.add_argument("--seed", type=_nonneg_int, default=None)
+    t.add_argument("--seed", type=nonneg_int, default=None)
     t.add_argument("--tiling", choices=[p.value for p in TilingPolicy], default=None,
                    help="vision tiles per image, as the runtime's --tiling (default single)")
-    t.add_argument("--max-length", type=_positive_int, default=None, help="tokens per sample (default: the context)")
+    t.add_argument("--max-length", type=positive_int, default=None, help="tokens per sample (default: the context)")
     t.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="bf16: autocast, fp32 master weights")
     t.add_argument("--device", default=None, help="auto (default), cpu, cuda")
     t.add_argument("--image-root", default=None, help="dataset root for the samples' image paths "
                                                       "(default: from manifest.json)")
-    t.add_argument("--workers", type=_nonneg_int, default=None, help="DataLoader worker processes")
-    t.add_argument("--log-every", type=_positive_int, default=None)
+    t.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader worker processes")
+    t.add_argument("--log-every", type=positive_int, default=None)
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm progress bar")
     t.set_defaults(func=cmd_train)
 
@@ -172,11 +146,11 @@ def _add_eval(sub) -> None:
     e.add_argument("--vlm", required=True, help="model folder (a merged model, or the base with --adapter)")
     e.add_argument("--adapter", default=None, help="a LoRA adapter to merge into --vlm in memory")
     e.add_argument("--detector", required=True, help="Ultralytics model (.pt/.onnx/.engine) trained on the shapes")
-    e.add_argument("--seed", type=_nonneg_int, default=1000, help="benchmark seed (scenes come from their own "
+    e.add_argument("--seed", type=nonneg_int, default=1000, help="benchmark seed (scenes come from their own "
                                                                   "random stream, apart from the training splits)")
-    e.add_argument("--size", type=_positive_int, default=50, help="benchmark images")
+    e.add_argument("--size", type=positive_int, default=50, help="benchmark images")
     e.add_argument("--imgsz", type=int, default=320, help="benchmark image side in pixels (>= 64)")
-    e.add_argument("--per-kind", type=_positive_int, default=1, help="questions per kind per image")
+    e.add_argument("--per-kind", type=positive_int, default=1, help="questions per kind per image")
     e.add_argument("--ungrounded", action=argparse.BooleanOptionalAction, default=True,
                    help="also ask every question without the grounding text")
     e.add_argument("--out", default=None, help="keep the benchmark, answers.jsonl and report.json here "
@@ -184,17 +158,17 @@ def _add_eval(sub) -> None:
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     e.add_argument("--tiling", choices=[p.value for p in TilingPolicy], default=TilingPolicy.SINGLE.value)
-    e.add_argument("--max-new-tokens", type=_positive_int, default=16)
+    e.add_argument("--max-new-tokens", type=positive_int, default=16)
     e.add_argument("--conf", type=float, default=0.25, help="detector confidence threshold")
     e.add_argument("--detector-imgsz", type=int, default=None, help="detector input size (default: --imgsz)")
     e.add_argument("--positions", choices=[s.value for s in PositionStyle], default=PositionStyle.WORDS.value)
-    e.add_argument("--grounding-tokens", type=_positive_int, default=96)
+    e.add_argument("--grounding-tokens", type=positive_int, default=96)
     e.add_argument("--map", action=argparse.BooleanOptionalAction, default=True,
                    help="validate the detector on the benchmark (Ultralytics mAP50)")
     e.add_argument("--judge-endpoint", default=None, help="OpenAI-compatible API base for a 1-10 judge score")
     e.add_argument("--judge-model", default=None, help="model name the judge endpoint serves")
-    e.add_argument("--judge-timeout", type=_positive_float, default=60.0)
-    e.add_argument("--judge-retries", type=_nonneg_int, default=3)
+    e.add_argument("--judge-timeout", type=positive_float, default=60.0)
+    e.add_argument("--judge-retries", type=nonneg_int, default=3)
     e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
     e.set_defaults(func=cmd_eval)
     e.epilog = "The judge sends the API key from the environment variable OPENAI_API_KEY, if set."
