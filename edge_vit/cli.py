@@ -39,6 +39,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, source_required: bool = Tru
     g.add_argument("--imgsz", type=int, default=640, help="detector input size (multiple of 32)")
     g.add_argument("--conf", type=float, default=0.25, help="detector confidence threshold")
     g.add_argument("--classes", default=None, help="comma-separated class names (or ids) to keep, e.g. person,car")
+    g.add_argument("--prefer-exported", action=argparse.BooleanOptionalAction, default=True,
+                   help="for foo.pt, load foo.onnx (CPU) or foo.engine (CUDA) exported next to it when not older")
     g.add_argument("--track", action=argparse.BooleanOptionalAction, default=False,
                    help="track objects across frames (ByteTrack) so they keep ids")
     g = p.add_argument_group("VLM")
@@ -81,6 +83,7 @@ def build_and_run(args: argparse.Namespace) -> int:
     device = args.device
     detector_config = DetectorConfig(
         model=args.detector, conf=args.conf, imgsz=args.imgsz, track=args.track,
+        prefer_exported=args.prefer_exported,
         classes=tuple(c for c in args.classes.split(",") if c.strip()) if args.classes else None,
         device=device,
     )
