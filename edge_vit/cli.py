@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_commands(sub)
     from export.cli import add_export_commands
     add_export_commands(sub)
+    from benchmarks.cli import add_bench_commands
+    add_bench_commands(sub)
     from edge_vit.deploy.cli import add_deploy_commands
     add_deploy_commands(sub)
     return parser

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-REFERENCE_MODELS = ("smolvlm-256m",)
+REFERENCE_MODELS = ("smolvlm-256m", "smolvlm-500m")
 
 
 def config_paths(name: str) -> tuple[Path, Path]:
