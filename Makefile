@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU machines this project is built on keep these torch wheels on disk; override for other machines.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The full latency suite (manual, tens of minutes on 2 cores); results in benchmarks/results/.
+bench: $(STAMP)
+	$(BIN)/edge-vit bench
+
+bench-quick: $(STAMP)
+	$(BIN)/edge-vit bench --quick
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache
