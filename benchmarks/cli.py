@@ -94,10 +94,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else _default_out(results, path.stem)
         write_report(results, out)
     summary = results["summary"]
+    for error in results.get("report_errors", []):
+        progress(f"report: {error}")
     progress(f"done in {summary['seconds']} s: {summary['ok']} ok, {len(summary['skipped'])} skipped, "
              f"{len(summary['failed'])} failed; report in {out}/report.md")
     print(json.dumps(results, separators=(",", ":")), flush=True)
-    return 1 if summary["failed"] else 0
+    return 1 if summary["failed"] or results.get("report_errors") else 0
 
 
 def _default_out(results: dict, scenario_name: str) -> Path:

@@ -319,15 +319,24 @@ def plot_roofline(results: dict, path: Path) -> None:
 
 
 def write_report(results: dict, out_dir: Path) -> dict[str, str]:
-    """results.json, report.md, stages.png, roofline.png in ``out_dir``; returns their paths."""
+    """results.json and report.md first (so nothing measured is lost), then stages.png and roofline.png in
+    ``out_dir``; returns the paths. A plot that cannot be drawn is recorded in ``results["report_errors"]`` (and
+    results.json rewritten), not raised."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"json": out_dir / "results.json", "markdown": out_dir / "report.md",
              "stages_plot": out_dir / "stages.png", "roofline_plot": out_dir / "roofline.png"}
     results["files"] = {k: str(v) for k, v in files.items()}
-    files["markdown"].write_text(render_markdown(results), encoding="utf-8")
-    plot_stages(results, files["stages_plot"])
-    plot_roofline(results, files["roofline_plot"])
     files["json"].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    files["markdown"].write_text(render_markdown(results), encoding="utf-8")
+    errors = []
+    for key, plot in (("stages_plot", plot_stages), ("roofline_plot", plot_roofline)):
+        try:
+            plot(results, files[key])
+        except Exception as exc:  # a missing or broken matplotlib must not lose the measurements
+            errors.append(f"{files[key].name}: {type(exc).__name__}: {exc}")
+    if errors:
+        results["report_errors"] = errors
+        files["json"].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     return results["files"]
 
 
