@@ -42,7 +42,7 @@ import shutil
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -627,7 +627,8 @@ def quantize_matmul_nbits(model, bits: int, block_size: int, symmetric: bool, ac
         scales = np.zeros((n, blocks), dtype=np.float32)
         pack(packed, np.ascontiguousarray(weight, dtype=np.float32), scales, zero_points, block_size, n, k, symmetric)
         name = f"{w.name}_q{bits}"
-        graph.initializer.extend([numpy_helper.from_array(packed, name), numpy_helper.from_array(scales, name + "_scales")])
+        graph.initializer.extend([numpy_helper.from_array(packed, name),
+                                  numpy_helper.from_array(scales, name + "_scales")])
         inputs = [node.input[0], name, name + "_scales"]
         if not symmetric:
             graph.initializer.append(numpy_helper.from_array(zero_points, name + "_zero_points"))
