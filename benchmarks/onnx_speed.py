@@ -101,9 +101,8 @@ def benchmark_case(count_tokens, prompt_tokens: int, image_tokens: int):
 
 
 def build_variants(model_dir: Path, variants_dir: Path, names: list[str]) -> dict[str, Path]:
-    from export.optimize import OptimizeOptions, optimize_onnx_folder
-
     from export import io_spec
+    from export.optimize import OptimizeOptions, optimize_onnx_folder
 
     folders = {}
     for name in names:
@@ -121,7 +120,6 @@ def build_variants(model_dir: Path, variants_dir: Path, names: list[str]) -> dic
 def run(args: argparse.Namespace) -> dict:
     from edge_vit.vlm.base import GenerationConfig
     from edge_vit.vlm.onnx_backend import OnnxVLM, OrtConfig
-
     from export import io_spec
 
     model_dir = Path(args.model_dir)
