@@ -68,8 +68,8 @@ def _add_optimize_arguments(p: argparse.ArgumentParser, *, optimize_default: boo
     g.add_argument("--quantize-vision", action=argparse.BooleanOptionalAction, default=OptimizeOptions.quantize_vision,
                    help="with --quantize: int8 vision encoder too, kept only if its features stay within "
                         f"cosine {OptimizeOptions.min_vision_cosine} of fp32")
-    g.add_argument("--block-size", type=int, default=OptimizeOptions.block_size,
-                   help="MatMulNBits quantization block along K (16-256)")
+    g.add_argument("--block-size", type=int, default=None,
+                   help="MatMulNBits quantization block along K (16-256; default: 128 for int8, 32 for int4)")
     g.add_argument("--validate-variant", action=argparse.BooleanOptionalAction, default=OptimizeOptions.validate,
                    help="compare the variant with the fp32 graphs (vision cosine, token agreement, teacher-forced "
                         "logits) and write the numbers into the manifest")

@@ -242,10 +242,11 @@ def test_real_size_int8_decoder_agrees_with_fp32_on_teacher_forced_tokens(tmp_pa
 
     Random weights give flat logits (median top-1/top-2 gap ~0.18 at logit std ~1), so top-1 flips
     under any rounding: rounding the fp32 weights to bf16 alone keeps 91% top-1 on these 128
-    teacher-forced positions (logits cosine 0.99994); int8 (MatMulNBits, block 32, int8 compute)
-    measured 87.5% (cosine 0.9988). The bar, 80% top-1 and cosine 0.995, sits ~2.5 binomial
-    standard deviations under that measurement; int8 that breaks a kernel lands far below (int4
-    RTN on these weights: ~10%, cosine 0.85).
+    teacher-forced positions (logits cosine 0.99994). int8 (MatMulNBits, block 128, int8 compute)
+    measured 85.9% (cosine 0.9982; block 32: 87.5%, 0.9988; ORT's per-tensor dynamic int8: 74%,
+    0.993). The bar, 78% top-1 and cosine 0.995, sits ~2.5 binomial standard deviations under the
+    measurement; a broken kernel or fusion lands far below (int4 RTN on these weights: ~10-20%,
+    cosine 0.85).
     """
     from export.reference_models import build_reference_model
 
@@ -262,5 +263,5 @@ def test_real_size_int8_decoder_agrees_with_fp32_on_teacher_forced_tokens(tmp_pa
     assert result.graph_bytes[io_spec.DECODER] < 170e6  # from 539 MB
     forced = result.validation["teacher_forced"]
     assert forced["positions"] == 128
-    assert forced["top1_agreement"] >= 0.80 and forced["logits_cosine_mean"] >= 0.995, forced
+    assert forced["top1_agreement"] >= 0.78 and forced["logits_cosine_mean"] >= 0.995, forced
     assert result.validation["vision"]["cosine_min"] >= 0.99
