@@ -48,7 +48,9 @@ def add_run_arguments(p: argparse.ArgumentParser, *, source_required: bool = Tru
     g.add_argument("--backend", choices=[b.value for b in Backend], default=Backend.TORCH.value)
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0 (VLM and detector)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="torch backend dtype")
-    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="the instruction the VLM answers about each chosen frame")
+    g.add_argument("--prompt", action="append", default=None,
+                   help="the instruction the VLM answers about each chosen frame; repeat it to ask several in turn "
+                        f"(default: {DEFAULT_PROMPT!r})")
     g.add_argument("--max-new-tokens", type=positive_int, default=48)
     g.add_argument("--tiling", choices=[t.value for t in TilingPolicy], default=TilingPolicy.SINGLE.value,
                    help="single: one vision tile per frame (fast); split: the processor's own image splitting")
@@ -92,8 +94,9 @@ def build_and_run(args: argparse.Namespace) -> int:
         GroundingConfig(positions=PositionStyle(args.positions), max_tokens=args.grounding_tokens)
         if args.grounding else None
     )
+    prompts = tuple(args.prompt) if args.prompt else (DEFAULT_PROMPT,)
     run_config = RunConfig(
-        prompt=args.prompt, max_frames=args.max_frames, grounding=grounding, trigger=trigger,
+        prompt=prompts[0], prompts=prompts, max_frames=args.max_frames, grounding=grounding, trigger=trigger,
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens), status_every_s=args.status_every,
     )
     # Cheap checks first: a missing file, a folder that is not a model or an unwritable output fail in a
@@ -156,19 +159,35 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from edge_vit.demo import prepare_demo
+    from edge_vit.demo import DEMO_QUESTIONS, format_score, models_line, prepare_demo, score_demo
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    paths = prepare_demo(Path(args.workdir), frames=args.frames)
-    print(paths.notice, file=sys.stderr)
-    run_args = build_parser().parse_args([
+    paths = prepare_demo(Path(args.workdir), assets=args.assets)
+    print(models_line(paths), file=sys.stderr)
+    questions = args.prompt or [q.text for q in DEMO_QUESTIONS]
+    argv = [
         "run", "--source", str(paths.clip), "--detector", str(paths.detector), "--vlm", str(paths.vlm),
-        "--imgsz", str(paths.imgsz), "--conf", str(paths.conf), "--jsonl", str(paths.jsonl),
-        "--save-video", str(paths.video), "--every", "1", "--prompt", args.prompt,
-        "--max-new-tokens", "24", "--status-every", "2",
-    ])
-    return build_and_run(run_args)
+        "--imgsz", str(paths.imgsz), "--conf", str(paths.conf), "--grounding-tokens", str(paths.grounding_tokens),
+        "--jsonl", str(paths.jsonl), "--save-video", str(paths.video),
+        # Every frame may be answered: with several questions the runner asks the next one whenever the VLM is free.
+        "--every", "0", "--max-new-tokens", "24", "--status-every", "2",
+    ]
+    for question in questions:
+        argv += ["--prompt", question]
+    if args.max_frames:
+        argv += ["--max-frames", str(args.max_frames)]
+    if args.quiet:
+        argv.append("--quiet")
+    code = build_and_run(build_parser().parse_args(argv))
+    if code != 0:
+        return code
+    score = score_demo(paths.jsonl, paths.truth)
+    if args.prompt and not score.total:
+        print("accuracy: not measured; your own questions (--prompt) have no ground truth in the clip", file=sys.stderr)
+    else:
+        print(format_score(score), file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,10 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run detector + VLM on a camera, stream, video file or image folder")
     add_run_arguments(p)
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("demo", help="the whole pipeline on a bundled offline clip")
-    p.add_argument("--workdir", default=".demo", help="where demo models and outputs are written")
-    p.add_argument("--frames", type=positive_int, default=90, help="length of the demo clip")
-    p.add_argument("--prompt", default="How many shapes are there, and where?")
+    p = sub.add_parser("demo", help="the shipped demo models on a bundled clip, offline, scored against its truth")
+    p.add_argument("--workdir", default=".demo", help="where demo.jsonl and demo.mp4 are written")
+    p.add_argument("--max-frames", type=positive_int, default=None, help="stop after N frames of the clip")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="ask your own question instead of the demo's (repeatable); it has no accuracy")
+    p.add_argument("--assets", default=None, help="folder of the demo models (default: the ones in the package)")
+    p.add_argument("--quiet", action="store_true", help="no streamed answers (the accuracy table is still printed)")
     p.set_defaults(func=cmd_demo)
     from finetune.cli import add_finetune_commands
     add_finetune_commands(sub)

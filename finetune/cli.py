@@ -42,6 +42,8 @@ def add_finetune_commands(subparsers) -> None:
     s.add_argument("--clips", type=nonneg_int, default=0, help="short mp4 clips of moving shapes, with JSONL truth")
     s.add_argument("--clip-frames", type=positive_int, default=90)
     s.add_argument("--clip-fps", type=positive_float, default=15.0)
+    s.add_argument("--labels", choices=("shape", "colour-shape"), default="shape",
+                   help="detector classes: the shape ('circle'), or colour and shape ('red circle', 30 classes)")
     s.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="replace a shapes dataset already in --out")
     s.set_defaults(func=cmd_shapes)
@@ -74,6 +76,7 @@ def add_finetune_commands(subparsers) -> None:
     _add_train(sub)
     _add_merge(sub)
     _add_eval(sub)
+    _add_demo_models(sub)
 
 
 def _add_train(sub) -> None:
@@ -138,6 +141,36 @@ def _add_merge(sub) -> None:
     m.set_defaults(func=cmd_merge)
 
 
+def _add_demo_models(sub) -> None:
+    r = sub.add_parser("demo-models", help="reproduce the shipped demo detector and VLM from scratch (hours on CPU)")
+    r.add_argument("--out", required=True, help="work folder; a step whose output is there already is skipped")
+    r.add_argument("--steps", default="shapes,detector,instruct,base,stage1,stage2,eval",
+                   help="comma-separated steps: shapes, detector, instruct, base, stage1, stage2, eval, install")
+    r.add_argument("--install", action="store_true", help="also copy the models into edge_vit/assets/demo")
+    r.add_argument("--quick", action="store_true", help="a smoke run with tiny sizes and a few steps (minutes)")
+    r.add_argument("--detector-init", default=None, help="start the detector from these weights (.pt)")
+    r.add_argument("--detector-hours", type=positive_float, default=None, help="Ultralytics' training time limit")
+    r.add_argument("--threads", type=positive_int, default=None, help="torch threads for the VLM steps")
+    r.add_argument("--device", default="cpu")
+    r.set_defaults(func=cmd_demo_models)
+
+
+def cmd_demo_models(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from finetune.demo_models import DemoRecipe, run_demo_models
+
+    recipe = DemoRecipe.quick() if args.quick else DemoRecipe()
+    overrides = {k: v for k, v in (("det_init", args.detector_init), ("det_hours", args.detector_hours),
+                                   ("threads", args.threads)) if v is not None}
+    recipe = dataclasses.replace(recipe, **overrides)
+    steps = tuple(s.strip() for s in args.steps.split(",") if s.strip()) + (("install",) if args.install else ())
+    summary = run_demo_models(args.out, recipe, steps=steps, device=args.device)
+    print(json.dumps({k: summary.get(k) for k in ("seconds", "pretrain")}))
+    return 0
+
+
 def _add_eval(sub) -> None:
     from edge_vit.grounding import PositionStyle
     from edge_vit.vlm import TilingPolicy
@@ -151,6 +184,8 @@ def _add_eval(sub) -> None:
     e.add_argument("--size", type=positive_int, default=50, help="benchmark images")
     e.add_argument("--imgsz", type=int, default=320, help="benchmark image side in pixels (>= 64)")
     e.add_argument("--per-kind", type=positive_int, default=1, help="questions per kind per image")
+    e.add_argument("--kinds", default="count,exists,colour,position",
+                   help="comma-separated question kinds (count, exists, colour, position, size)")
     e.add_argument("--ungrounded", action=argparse.BooleanOptionalAction, default=True,
                    help="also ask every question without the grounding text")
     e.add_argument("--out", default=None, help="keep the benchmark, answers.jsonl and report.json here "
@@ -180,7 +215,7 @@ def cmd_shapes(args: argparse.Namespace) -> int:
     config = ShapesConfig(
         images=args.images, imgsz=args.imgsz, seed=args.seed, min_objects=args.min_objects,
         max_objects=args.max_objects, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-        clips=args.clips, clip_frames=args.clip_frames, clip_fps=args.clip_fps,
+        clips=args.clips, clip_frames=args.clip_frames, clip_fps=args.clip_fps, labels=args.labels,
     )
     summary = generate_shapes(Path(args.out), config, overwrite=args.overwrite)
     n = sum(summary.images.values())
@@ -246,6 +281,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
     import shutil
     import tempfile
@@ -256,9 +292,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from edge_vit.vlm import GenerationConfig
     from edge_vit.vlm.torch_backend import check_model_folder
     from finetune.evaluate import BenchConfig, evaluate, format_table
+    from finetune.shapes import label_scheme
     from finetune.merge import load_vlm_with_adapter, read_adapter_config
 
-    bench = BenchConfig(seed=args.seed, size=args.size, imgsz=args.imgsz, per_kind=args.per_kind)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    bench = BenchConfig(seed=args.seed, size=args.size, imgsz=args.imgsz, per_kind=args.per_kind, kinds=kinds)
     detector_imgsz = args.detector_imgsz or max(32, args.imgsz // 32 * 32)
     # Cheap checks first: a missing model, adapter or detector fails before anything is rendered or loaded.
     check_model_folder(args.vlm)
@@ -285,6 +323,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         detector = Detector.load(DetectorConfig(model=args.detector, conf=args.conf, imgsz=detector_imgsz,
                                                 device=args.device))
+        bench = dataclasses.replace(bench, labels=label_scheme(detector.names))
         vlm = load_vlm_with_adapter(args.vlm, args.adapter, device=args.device, dtype=args.dtype, tiling=args.tiling)
         report, records = evaluate(
             vlm=vlm, detector=detector, bench=bench, root=root,

@@ -415,7 +415,9 @@ def _attributes(image: Path, boxes: tuple[LabelBox, ...], size: tuple[int, int],
         xyxy = box.xyxy(size)
         best, best_iou = None, 0.5
         for j, (obj, oxy) in enumerate(candidates):
-            if j in taken or obj.get("class") != names.get(box.class_id):
+            # A label class names the object's class, or its colour and class ("red circle": the shapes
+            # world's colour-shape labels).
+            if j in taken or names.get(box.class_id) not in (obj.get("class"), f"{obj.get('colour')} {obj.get('class')}"):
                 continue
             iou = _box_iou(xyxy, oxy)
             if iou >= best_iou:

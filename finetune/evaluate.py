@@ -58,8 +58,20 @@ class BenchConfig:
     per_kind: int = 1  # questions per kind per image (scene_questions' per_kind)
     min_objects: int = 0
     max_objects: int = 6
+    labels: str = "shape"  # the detector's classes (finetune.shapes.LABEL_SCHEMES), for the mAP labels
+    # The question kinds asked (of finetune.instruct.QUESTION_KINDS). Size is left out by default: the
+    # grounding carries no sizes, so size is a question about the image alone.
+    kinds: tuple[str, ...] = ("count", "exists", "colour", "position")
 
     def __post_init__(self) -> None:
+        from finetune.shapes import LABEL_SCHEMES
+
+        object.__setattr__(self, "kinds", tuple([self.kinds] if isinstance(self.kinds, str) else self.kinds))
+        unknown = [k for k in self.kinds if k not in QUESTION_KINDS]
+        if unknown or not self.kinds:
+            raise EdgeVitError(f"eval: --kinds must be some of {', '.join(QUESTION_KINDS)}; got {', '.join(self.kinds)}")
+        if self.labels not in LABEL_SCHEMES:
+            raise EdgeVitError(f"eval: labels must be one of {', '.join(LABEL_SCHEMES)}, got {self.labels!r}")
         if self.seed < 0 or self.size < 1 or self.imgsz < 64 or self.per_kind < 1:
             raise EdgeVitError("eval: need --seed >= 0, --size >= 1, --imgsz >= 64 and --per-kind >= 1")
         if not 0 <= self.min_objects <= self.max_objects <= 20:
@@ -81,7 +93,7 @@ def render_benchmark(root: str | Path, config: BenchConfig) -> tuple[list[BenchI
     import cv2
     import yaml
 
-    from finetune.shapes import SHAPE_CLASSES, render_scene
+    from finetune.shapes import class_names, render_scene
 
     root = Path(root)
     items: list[BenchItem] = []
@@ -96,7 +108,7 @@ def render_benchmark(root: str | Path, config: BenchConfig) -> tuple[list[BenchI
         if not ok:
             raise RuntimeError("cv2 could not encode a PNG")
         (root / rel).write_bytes(png.tobytes())
-        (root / "labels" / "val" / f"{i:06d}.txt").write_text(scene.yolo_label_text(), encoding="utf-8")
+        (root / "labels" / "val" / f"{i:06d}.txt").write_text(scene.yolo_label_text(config.labels), encoding="utf-8")
         objects = [o.to_json() for o in scene.objects]
         (root / "attributes" / "val" / f"{i:06d}.json").write_text(json.dumps(
             {"image": rel, "image_size": [config.imgsz, config.imgsz], "background": scene.background,
@@ -105,11 +117,12 @@ def render_benchmark(root: str | Path, config: BenchConfig) -> tuple[list[BenchI
         scenes[rel] = {"objects": objects, "description": describe_scene(symbolic, scene.background)}
         q_rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(_STREAM, i, 1)))
         for kind, question, answer in scene_questions(symbolic, q_rng, per_kind=config.per_kind):
-            items.append(BenchItem(rel, kind, question, answer))
+            if kind in config.kinds:
+                items.append(BenchItem(rel, kind, question, answer))
     data_yaml = root / "data.yaml"
     data_yaml.write_text(f"# {BENCH_VERSION}, seed {config.seed}: edge-vit finetune eval\n" + yaml.safe_dump(
         {"path": str(root.absolute()), "train": "images/val", "val": "images/val",  # Ultralytics needs both keys
-         "names": dict(enumerate(SHAPE_CLASSES))},
+         "names": dict(enumerate(class_names(config.labels)))},
         sort_keys=False), encoding="utf-8")
     (root / "questions.json").write_text(json.dumps(
         {"version": BENCH_VERSION, "config": asdict(config), "scenes": scenes,
@@ -197,11 +210,12 @@ def _ultralytics_to_stderr():
             handler.setStream(sys.stdout)
 
 
-def detector_map50(detector: str, data_yaml: Path, *, imgsz: int, device: str, workdir: Path) -> dict:
+def detector_map50(detector: str, data_yaml: Path, *, imgsz: int, device: str, workdir: Path,
+                  labels: str = "shape") -> dict:
     """Ultralytics' own validation of ``detector`` on the benchmark: mAP50 and mAP50-95 of the box head."""
     from ultralytics import YOLO
 
-    from finetune.shapes import SHAPE_CLASSES
+    from finetune.shapes import class_names
 
     model = YOLO(detector, task="detect")
     names = [str(v) for v in dict(model.names).values()]
@@ -209,7 +223,7 @@ def detector_map50(detector: str, data_yaml: Path, *, imgsz: int, device: str, w
         metrics = model.val(data=str(data_yaml), split="val", imgsz=imgsz, batch=16, device=device, plots=False,
                             verbose=False, workers=0, project=str(workdir), name="val", exist_ok=True)
     return {"map50": round(float(metrics.box.map50), 4), "map50_95": round(float(metrics.box.map), 4),
-            "classes_match": names == list(SHAPE_CLASSES)}
+            "classes_match": names == list(class_names(labels))}
 
 
 # ---------------------------------------------------------------- judge (optional)
@@ -339,7 +353,7 @@ def evaluate(*, vlm: Any, detector: Any, bench: BenchConfig, root: Path, generat
     }
     if detector_path is not None:
         report["detector_val"] = detector_map50(detector_path, data_yaml, imgsz=detector_imgsz, device=device,
-                                                workdir=root / "val")
+                                                workdir=root / "val", labels=bench.labels)
     if judge is not None:
         scenes = json.loads((root / "questions.json").read_text(encoding="utf-8"))["scenes"]
         report["judge"] = judge_scores(records, scenes, judge)

@@ -444,6 +444,12 @@ def answer_matches(kind: str, prediction: str, answer: str) -> bool:
 # ---------------------------------------------------------------- scenes from a dataset
 
 
+def _question_class(label_name: str) -> str:
+    """The class a question names for a label class: "red circle" -> "circle" (colour-shape labels)."""
+    colour, _, rest = label_name.partition(" ")
+    return rest if colour in COLOUR_NAMES and rest else label_name
+
+
 def scene_from_record(record: ImageRecord, names: Mapping[int, str]) -> Scene:
     """The symbolic scene of one labelled image; class names as the grounding writes them."""
     h, w = record.image_size
@@ -455,8 +461,11 @@ def scene_from_record(record: ImageRecord, names: Mapping[int, str]) -> Scene:
         colour = attrs.get("colour") if isinstance(attrs.get("colour"), str) else None
         size = attrs.get("size") if attrs.get("size") in SIZES else None
         x1, y1, x2, y2 = xyxy[i].tolist()
+        # The sidecar's class is the object's name in questions: with labels that carry the colour
+        # ("red circle"), questions still ask about "circles" and "red circles", as on the shapes benchmark.
+        name = sanitize_name(attrs["class"]) if isinstance(attrs.get("class"), str) else ""
         objects.append(SceneObject(
-            name=display[box.class_id], position=describe_position(xyxy[i], (h, w), PositionStyle.WORDS),
+            name=name or display[box.class_id], position=describe_position(xyxy[i], (h, w), PositionStyle.WORDS),
             colour=colour, size=size, box=(x1 / w, y1 / h, x2 / w, y2 / h),
         ))
     detections = Detections(
@@ -464,7 +473,7 @@ def scene_from_record(record: ImageRecord, names: Mapping[int, str]) -> Scene:
         names=dict(names), image_size=(h, w),
     )
     return Scene(image=record.rel, image_size=(h, w), objects=tuple(objects), detections=detections,
-                 classes=tuple(display[c] for c in sorted(display)),
+                 classes=tuple(dict.fromkeys(_question_class(display[c]) for c in sorted(display))),
                  background=record.scene_attributes.get("background"))
 
 

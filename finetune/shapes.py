@@ -40,6 +40,10 @@ __all__ = [
     "COLOURS",
     "COLOUR_NAMES",
     "SIZES",
+    "LABEL_SCHEMES",
+    "class_names",
+    "label_class_id",
+    "label_scheme",
     "BACKGROUNDS",
     "GENERATOR_VERSION",
     "ShapeObject",
@@ -65,6 +69,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 COLOUR_NAMES = tuple(COLOURS)
 SIZES = ("small", "medium", "large")
+# Label schemes: the detector's classes. "shape" names the shape only ("circle"); "colour-shape" names
+# colour and shape ("red circle", 30 classes), so the grounding text carries the colour too.
+LABEL_SCHEMES = ("shape", "colour-shape")
 BACKGROUNDS = ("flat", "gradient", "noise", "texture")
 SPLITS = ("train", "val", "test")
 
@@ -111,13 +118,13 @@ class ShapeScene:
     blur_sigma: float
     noise_std: float
 
-    def yolo_label_text(self) -> str:
+    def yolo_label_text(self, labels: str = "shape") -> str:
         """YOLO label lines ``class cx cy w h`` (normalized, 6 decimals); empty text for an empty scene."""
         h, w = self.image.shape[:2]
         rows = []
         for o in self.objects:
             x1, y1, x2, y2 = o.xyxy
-            rows.append(f"{o.class_id} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
+            rows.append(f"{label_class_id(o.class_name, o.colour, labels)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
                         f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}\n")
         return "".join(rows)
 
@@ -136,8 +143,11 @@ class ShapesConfig:
     clips: int = 0
     clip_frames: int = 90
     clip_fps: float = 15.0
+    labels: str = "shape"  # one of LABEL_SCHEMES: the detector's classes
 
     def __post_init__(self) -> None:
+        if self.labels not in LABEL_SCHEMES:
+            raise EdgeVitError(f"shapes: --labels must be one of {', '.join(LABEL_SCHEMES)}, got {self.labels!r}")
         if self.images < 1:
             raise EdgeVitError(f"shapes: --images must be >= 1, got {self.images}")
         if self.imgsz < 64:
@@ -176,6 +186,28 @@ class ShapesSummary:
     empty_images: dict[str, int]
     clips: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def class_names(labels: str = "shape") -> tuple[str, ...]:
+    """The detector's class names under a label scheme (see LABEL_SCHEMES), in class-id order."""
+    if labels == "shape":
+        return SHAPE_CLASSES
+    if labels == "colour-shape":
+        return tuple(f"{c} {s}" for c in COLOUR_NAMES for s in SHAPE_CLASSES)
+    raise EdgeVitError(f"shapes: unknown label scheme {labels!r} (one of {', '.join(LABEL_SCHEMES)})")
+
+
+def label_scheme(names) -> str:
+    """The label scheme whose classes a detector has (its ``names``, a dict or list); "shape" otherwise."""
+    values = [str(v) for v in (names.values() if isinstance(names, dict) else names)]
+    return "colour-shape" if values == list(class_names("colour-shape")) else "shape"
+
+
+def label_class_id(shape: str, colour: str, labels: str = "shape") -> int:
+    """The class id of a shape of a colour under a label scheme."""
+    if labels == "colour-shape":
+        return COLOUR_NAMES.index(colour) * len(SHAPE_CLASSES) + SHAPE_CLASSES.index(shape)
+    return class_names(labels).index(shape)
 
 
 def size_word(xyxy, image_size: tuple[int, int]) -> str:
@@ -546,7 +578,7 @@ def generate_shapes(out: str | Path, config: ShapesConfig = ShapesConfig(), over
             if not ok:
                 raise RuntimeError("cv2 could not encode a PNG")
             _write_bytes(out / "images" / split / f"{stem}.png", png.tobytes())
-            _write_bytes(out / "labels" / split / f"{stem}.txt", scene.yolo_label_text().encode())
+            _write_bytes(out / "labels" / split / f"{stem}.txt", scene.yolo_label_text(config.labels).encode())
             attributes = {
                 "image": f"images/{split}/{stem}.png",
                 "image_size": [config.imgsz, config.imgsz],
@@ -560,7 +592,7 @@ def generate_shapes(out: str | Path, config: ShapesConfig = ShapesConfig(), over
             counts_empty[split] += not scene.objects
     data = {"path": str(out)}
     data.update({s: f"images/{s}" for s, n in sizes.items() if n})
-    data["names"] = dict(enumerate(SHAPE_CLASSES))
+    data["names"] = dict(enumerate(class_names(config.labels)))
     header = f"# Shapes world ({GENERATOR_VERSION}), seed {config.seed}, {config.imgsz}x{config.imgsz}: edge-vit finetune shapes\n"
     (out / "data.yaml").write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
@@ -573,7 +605,7 @@ def generate_shapes(out: str | Path, config: ShapesConfig = ShapesConfig(), over
     meta = {
         "generator": GENERATOR_VERSION,
         "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
-        "classes": list(SHAPE_CLASSES), "colours": list(COLOUR_NAMES), "sizes": list(SIZES),
+        "classes": list(class_names(config.labels)), "shapes": list(SHAPE_CLASSES), "colours": list(COLOUR_NAMES), "sizes": list(SIZES),
         "images": sizes, "objects": counts_objects, "empty_images": counts_empty,
         "clips": [p.relative_to(out).as_posix() for p in clips],
     }

@@ -543,3 +543,46 @@ def test_cli_data_end_to_end(shapes_ds, tmp_path, capsys):
     assert m["counts"]["by_kind"]["detailed"] == 0
     assert main(["finetune", "data", "--dataset", str(shapes_ds / "data.yaml"), "--out", str(out),
                  "--kinds", "poems"]) == 2
+
+
+# ---------------------------------------------------------------- colour-shape labels (the demo detector's classes)
+
+
+def test_colour_shape_labels_ground_with_colours_and_ask_about_shapes(tmp_path, prompts):
+    """With "red circle" labels, the grounding names colour and shape (what the detector will say) while
+    the questions still ask about circles and red circles, with answers exact from the sidecar."""
+    from finetune.shapes import class_names
+
+    ds = tmp_path / "cs"
+    generate_shapes(ds, ShapesConfig(images=12, imgsz=160, seed=3, val_fraction=0.0, test_fraction=0.0,
+                                     labels="colour-shape"))
+    names = class_names("colour-shape")
+    records, report = read_split(load_data_yaml(ds / "data.yaml"), "train")
+    assert report.images_with_attributes == 12
+    assert all(a is not None for r in records for a in r.attributes)  # every box matched its sidecar object
+    samples, manifest = _build(ds, tmp_path / "out", prompts)
+    checked = 0
+    for s in samples:
+        turns = s["conversations"]
+        first = turns[0]["value"]
+        question = first.split("\n")[-1]
+        rows = [list(map(float, line.split())) for line in
+                (ds / s["image"].replace("images/", "labels/", 1).replace(".png", ".txt")).read_text().splitlines()]
+        h, w = s["meta"]["image_size"]
+        xyxy = [((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h) for _, cx, cy, bw, bh in rows]
+        dets = Detections(np.array(xyxy).reshape(-1, 4), np.ones(len(rows)), [int(r[0]) for r in rows],
+                          dict(enumerate(names)), (h, w))
+        assert first == "<image>\n" + ground(dets, question, GroundingConfig()).text
+        objects = _objects_from_sidecar(ds, s["image"])
+        from collections import Counter
+
+        header = first.split("\n")[1]
+        for name, n in Counter(f"{o.colour} {o.name}" for o in objects).items():
+            assert f"{n} {name}" in header  # the grounding carries the colour
+        questions = [question] + [t["value"] for t in turns[2::2]]
+        for kind, q, a in zip(s["meta"]["qa_kinds"], questions, [t["value"] for t in turns[1::2]]):
+            assert not re.search(rf"\b({_COLOUR}) ({_COLOUR})\b", q), q  # never "red red circles"
+            if kind in QUESTION_KINDS:
+                assert answer_key(kind, a) == oracle(q, objects), (s["id"], q, a)
+                checked += 1
+    assert checked >= 10

@@ -341,3 +341,28 @@ def test_eval_bad_inputs_end_with_one_error_line(case, capsys, tiny_idefics3, ti
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("edge-vit: error:"), err
     assert not (tmp_path / "o").exists()
+
+
+def test_benchmark_kinds_and_colour_shape_labels(tmp_path):
+    """By default the benchmark asks the four kinds the grounding can answer (size is opt-in); with the
+    colour-shape scheme its YOLO labels name colour and shape, so the demo detector's mAP is measured."""
+    from finetune.shapes import class_names
+
+    config = BenchConfig(seed=7, size=6, imgsz=160, labels="colour-shape")
+    items, data_yaml = render_benchmark(tmp_path / "cs", config)
+    assert {it.kind for it in items} <= {"count", "exists", "colour", "position"}
+    assert {"count", "exists"} <= {it.kind for it in items}
+    import yaml
+
+    names = list(yaml.safe_load(data_yaml.read_text())["names"].values())
+    assert names == list(class_names("colour-shape"))
+    for attr in sorted((tmp_path / "cs" / "attributes" / "val").glob("*.json")):
+        objects = json.loads(attr.read_text())["objects"]
+        ids = [int(line.split()[0]) for line in (tmp_path / "cs" / "labels" / "val" / (attr.stem + ".txt")).read_text().splitlines()]
+        assert [names[i] for i in ids] == [f"{o['colour']} {o['class']}" for o in objects]
+    # The same seed with size questions asked: same images, the size questions added.
+    with_size, _ = render_benchmark(tmp_path / "s", BenchConfig(seed=7, size=6, imgsz=160,
+                                                                kinds=("count", "exists", "colour", "position", "size")))
+    assert [it for it in with_size if it.kind != "size"] == items and any(it.kind == "size" for it in with_size)
+    with pytest.raises(Exception, match="kinds"):
+        BenchConfig(kinds=("count", "weather"))

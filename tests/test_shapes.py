@@ -232,3 +232,30 @@ def test_ultralytics_reads_the_dataset(dataset, tmp_path):
     ours = sum(len(json.loads(p.read_text())["objects"]) for p in copy.glob("attributes/train/*.json"))
     assert len(ds.labels) == SMALL.split_sizes()["train"]
     assert sum(len(lb["cls"]) for lb in ds.labels) == ours
+
+
+def test_colour_shape_labels(tmp_path):
+    """The colour-shape scheme: 30 classes "<colour> <shape>", each label's id naming its object's colour and shape."""
+    from finetune.shapes import class_names, label_class_id, label_scheme
+
+    names = class_names("colour-shape")
+    assert len(names) == len(COLOURS) * len(SHAPE_CLASSES) == len(set(names))
+    assert label_scheme(dict(enumerate(names))) == "colour-shape" and label_scheme(list(SHAPE_CLASSES)) == "shape"
+    out = tmp_path / "cs"
+    generate_shapes(out, ShapesConfig(images=8, imgsz=128, seed=5, labels="colour-shape"))
+    data = yaml.safe_load((out / "data.yaml").read_text())
+    assert list(data["names"].values()) == list(names)
+    seen = 0
+    for attr_path in sorted(out.glob("attributes/*/*.json")):
+        objects = json.loads(attr_path.read_text())["objects"]
+        label = out / "labels" / attr_path.parent.name / attr_path.with_suffix(".txt").name
+        ids = [int(line.split()[0]) for line in label.read_text().splitlines()]
+        assert [names[i] for i in ids] == [f"{o['colour']} {o['class']}" for o in objects]
+        assert ids == [label_class_id(o["class"], o["colour"], "colour-shape") for o in objects]
+        seen += len(ids)
+    assert seen > 0
+    # Same images as the shape scheme: only the label ids differ.
+    generate_shapes(tmp_path / "s", ShapesConfig(images=8, imgsz=128, seed=5))
+    assert (out / "images/train/000000.png").read_bytes() == (tmp_path / "s/images/train/000000.png").read_bytes()
+    with pytest.raises(EdgeVitError, match="labels"):
+        ShapesConfig(labels="colour")

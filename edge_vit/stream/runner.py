@@ -23,13 +23,22 @@ from edge_vit.vlm.base import GenerationConfig, VLM
 
 @dataclass(frozen=True)
 class RunConfig:
-    prompt: str
+    """What the loop asks and when. ``prompts``: several instructions asked in turn (the k-th submitted
+    answer job asks ``prompts[k % n]``); empty means ``(prompt,)``, so single-prompt callers need not set it."""
+
+    prompt: str = ""
+    prompts: tuple[str, ...] = ()
     max_frames: int | None = None
     grounding: GroundingConfig | None = field(default_factory=GroundingConfig)  # None: ungrounded prompts
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     status_every_s: float = 5.0
     detections_events: bool = True
+
+    def __post_init__(self) -> None:
+        prompts = tuple(self.prompts) or (self.prompt,)
+        object.__setattr__(self, "prompts", prompts)
+        object.__setattr__(self, "prompt", self.prompt or prompts[0])
 
 
 @dataclass
@@ -64,6 +73,9 @@ class StreamRunner:
         self._emit_lock = threading.Lock()
         self._latest_answer = ""
         self._summary = RunSummary()
+        self._asked = 0  # answer jobs submitted: picks the next prompt of the rotation
+        self._questions: dict[int, str] = {}  # frame id -> instruction, for the console (several prompts)
+        self._streaming_frame: int | None = None
 
     # Events from the main loop and the worker thread go through one lock, so sinks see whole events in order.
     def emit(self, event: dict) -> None:
@@ -79,20 +91,29 @@ class StreamRunner:
         if close is not None:
             close()
 
+    def _on_token(self, frame_id: int, text: str) -> None:
+        # With several prompts the console line must say which question it answers; the JSONL event does anyway.
+        if len(self.config.prompts) > 1 and frame_id != self._streaming_frame:
+            self._streaming_frame = frame_id
+            text = f"{self._questions.get(frame_id, '')} -> {text}"
+        self.console.token(frame_id, text)
+
     def _on_answer(self, answer: Answer) -> None:
+        self._questions.pop(answer.frame_id, None)
         self._latest_answer = answer.text
         self._summary.answers += 1
         self.emit(answer.to_event())
 
     def _on_error(self, job: AnswerJob, exc: Exception) -> None:
+        self._questions.pop(job.frame_id, None)
         self._summary.errors += 1
         self.emit({"type": "error", "frame": job.frame_id, "stage": "vlm", "message": str(exc) or type(exc).__name__})
 
-    def _prompt(self, detections: Detections) -> GroundedPrompt:
+    def _prompt(self, detections: Detections, instruction: str) -> GroundedPrompt:
         c = self.config
         if c.grounding is None:
-            return GroundedPrompt(text=c.prompt, instruction=c.prompt, grounding="", counts=detections.counts())
-        return ground(detections, c.prompt, c.grounding, count_tokens=self.vlm.count_tokens)
+            return GroundedPrompt(text=instruction, instruction=instruction, grounding="", counts=detections.counts())
+        return ground(detections, instruction, c.grounding, count_tokens=self.vlm.count_tokens)
 
     def _status(self, worker: AnswerWorker | None, t0: float, window: tuple[float, int], final: bool) -> dict:
         now = time.monotonic()
@@ -122,7 +143,7 @@ class StreamRunner:
         if self.vlm is not None:
             worker = AnswerWorker(
                 self.vlm, c.generation, on_answer=self._on_answer,
-                on_token=self.console.token if self.console is not None else None, on_error=self._on_error,
+                on_token=self._on_token if self.console is not None else None, on_error=self._on_error,
             )
         trigger = Trigger(c.trigger)
         t0 = time.monotonic()
@@ -130,6 +151,7 @@ class StreamRunner:
         self.emit({
             "type": "start", "source": getattr(self.source, "name", str(self.source)),
             "detector": self.detector.config.model, "vlm": getattr(self.vlm, "name", None), "prompt": c.prompt,
+            **({"prompts": list(c.prompts)} if len(c.prompts) > 1 else {}),
         })
         try:
             for frame in self.source:
@@ -170,15 +192,24 @@ class StreamRunner:
                 "type": "detections", "frame": frame.index, "counts": detections.counts(),
                 "objects": detections.to_json(), "timings": {k: round(v, 3) for k, v in timings.items()},
             })
-        if worker is not None:
+        # With several prompts, a frame is offered to the trigger only while the worker is idle: a job that
+        # replaced a pending one would skip that one's question, and with a steady VLM/detector speed ratio the
+        # same questions would be skipped every round. The trigger still sees every class/count change, because
+        # its signature is only updated when it is asked.
+        rotate = len(self.config.prompts) > 1
+        if worker is not None and not (rotate and worker.busy):
             reason = trigger(time.monotonic(), counts_signature(detections))
             if reason is not None:
+                instruction = self.config.prompts[self._asked % len(self.config.prompts)]
                 try:
-                    prompt = self._prompt(detections)
+                    prompt = self._prompt(detections, instruction)
                 except Exception as exc:  # a grounding failure is reported and the stream goes on
                     self._summary.errors += 1
                     self.emit({"type": "error", "frame": frame.index, "stage": "grounding", "message": str(exc)})
                 else:
+                    self._asked += 1
+                    if rotate:
+                        self._questions[frame.index] = instruction
                     worker.submit(AnswerJob(frame.index, frame.image, prompt, frame.timestamp, reason))
         if self.video is not None:
             self.video.write_frame(annotate(frame.image, detections, self._latest_answer))

@@ -1,0 +1,417 @@
+"""Reproduce the shipped demo models from scratch: the shapes detector and the small shapes VLM.
+
+    edge-vit finetune demo-models --out runs/demo-models [--steps shapes,detector,...] [--quick] [--install]
+
+The steps, each resumable (a step whose output exists is skipped):
+
+1. ``shapes``: the shapes world with colour-shape labels (``red circle``: 30
+   classes), so the grounding text carries each object's colour.
+2. ``detector``: YOLO26n from ``yolo26n.yaml`` (random init, offline) trained by
+   Ultralytics on it, then exported to ONNX (NMS-free end-to-end head) by
+   Ultralytics. The ONNX file is what ships: no pickle in the package.
+3. ``instruct``: LLaVA-style instruction data from the training split with the
+   template teacher: all three kinds for stage 2, descriptions only for stage 1.
+4. ``base``: the base VLM. An Idefics3 (SmolVLM architecture) of a small
+   config with a byte-level BPE tokenizer trained on the instruction text,
+   whose language model is then pretrained (all its weights, causal LM loss,
+   text only) on grounding text followed by the scene's description: the
+   stand-in for the pretrained LLM that LLaVA starts from. It never sees a
+   question, so answering is what stages 1 and 2 must add.
+5. ``stage1``: ``edge-vit finetune train --stage 1`` (the connector only, on
+   image + grounding -> description), merged.
+6. ``stage2``: ``edge-vit finetune train --stage 2`` (LoRA on the text model,
+   plus the connector, on all three kinds), merged: the demo VLM.
+7. ``eval``: ``edge-vit finetune eval`` of stage 1 and stage 2 on a held-out
+   benchmark (fresh seed) through detector -> grounding -> VLM.
+8. ``install`` (with ``--install``): copy the detector and the demo VLM into
+   ``edge_vit/assets/demo``.
+
+What it must not do: download anything, or write into the package without
+``--install``. CPU times on the 2-core machine are in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from edge_vit.errors import EdgeVitError
+
+__all__ = ["DemoRecipe", "STEPS", "build_demo_vlm", "pretrain_texts", "pretrain_text", "run_demo_models", "ASSETS"]
+
+log = logging.getLogger(__name__)
+
+STEPS = ("shapes", "detector", "instruct", "base", "stage1", "stage2", "eval", "install")
+ASSETS = Path(__file__).resolve().parent.parent / "edge_vit" / "assets" / "demo"
+# The grounding budget the demo uses everywhere (data, eval, edge-vit demo): six objects always fit.
+DEMO_GROUNDING_TOKENS = 160
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """Every setting of the demo models; ``--quick`` shrinks it to a smoke run (minutes)."""
+
+    seed: int = 0
+    # shapes world
+    shapes_seed: int = 1
+    images: int = 2000
+    imgsz: int = 256
+    # detector
+    det_epochs: int = 40
+    det_hours: float = 1.3  # Ultralytics' time limit (it shortens the schedule to fit)
+    det_batch: int = 32
+    det_init: str | None = None  # weights to start from (a .pt); None: random init
+    # base VLM
+    vocab_size: int = 1024
+    tile: int = 128  # one 128-px tile: 16 image tokens
+    hidden: int = 192
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 512
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    pretrain_steps: int = 1500
+    pretrain_batch: int = 16
+    pretrain_lr: float = 2e-3
+    # stages (edge-vit finetune train)
+    stage1_steps: int = 300
+    stage1_lr: float = 3e-3
+    stage2_steps: int = 3000
+    stage2_lr: float = 2e-3
+    batch_size: int = 16
+    lora_r: int = 64
+    lora_alpha: int = 128
+    stage2_modules_to_save: tuple[str, ...] = ()  # whole modules trained in stage 2 (quick: lm_head)
+    samples_per_image: int = 6
+    # evaluation
+    eval_seed: int = 2026
+    eval_size: int = 200
+    threads: int | None = None  # torch threads for the VLM steps (None: torch's default)
+
+    @classmethod
+    def quick(cls) -> "DemoRecipe":
+        return cls(images=60, det_epochs=1, det_hours=0.0, det_batch=8, vocab_size=400, hidden=64, layers=2,
+                   intermediate=128, vision_hidden=32, vision_layers=1, tile=64, pretrain_steps=20,
+                   pretrain_batch=8, stage1_steps=10, stage2_steps=40, stage1_lr=1e-2, stage2_lr=1e-2,
+                   stage2_modules_to_save=("lm_head",), batch_size=4, lora_r=8, lora_alpha=16,
+                   samples_per_image=1, eval_size=4)
+
+
+# ---------------------------------------------------------------- the base VLM
+
+
+def _corpus(instruct_json: Path) -> list[str]:
+    """Every turn's text of an instruction file (the tokenizer's training text)."""
+    samples = json.loads(instruct_json.read_text(encoding="utf-8"))
+    return [t["value"].replace("<image>", "").strip() for s in samples for t in s["conversations"]]
+
+
+def build_demo_vlm(out_dir: Path, corpus: list[str], recipe: DemoRecipe) -> Path:
+    """A randomly initialized Idefics3 of the recipe's size, with a BPE tokenizer trained on ``corpus``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+        PreTrainedTokenizerFast,
+    )
+
+    from edge_vit.tiny import IDEFICS3_CHAT_TEMPLATE
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<pad>", "<image>",
+                "<fake_token_around_image>", "<global-img>"]
+    specials += [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=recipe.vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    raw.train_from_iterator(corpus + ["User: Assistant: 0 1 2 3 4 5 6 7 8 9"], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<pad>",
+        unk_token="<|endoftext|>", additional_special_tokens=["<fake_token_around_image>", "<image>",
+                                                              "<end_of_utterance>"],
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    patch, scale = 16, 2
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessor(size={"longest_edge": recipe.tile},
+                                               max_image_size={"longest_edge": recipe.tile},
+                                               do_image_splitting=False),
+        tokenizer=tokenizer, image_seq_len=(recipe.tile // patch) ** 2 // scale**2,
+        chat_template=IDEFICS3_CHAT_TEMPLATE,
+    )
+    config = Idefics3Config(
+        vision_config=dict(hidden_size=recipe.vision_hidden, intermediate_size=2 * recipe.vision_hidden,
+                           num_hidden_layers=recipe.vision_layers, num_attention_heads=2, image_size=recipe.tile,
+                           patch_size=patch),
+        text_config=dict(model_type="llama", hidden_size=recipe.hidden, intermediate_size=recipe.intermediate,
+                         num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
+                         num_key_value_heads=recipe.kv_heads, vocab_size=len(tokenizer),
+                         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False),
+        scale_factor=scale, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(recipe.seed)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def pretrain_texts(instruct_json: Path) -> list[str]:
+    """Stage 0 text: the grounding of each described image followed by its description (no questions)."""
+    samples = json.loads(instruct_json.read_text(encoding="utf-8"))
+    texts = []
+    for s in samples:
+        if s.get("kind") != "detailed":
+            continue
+        turns = s["conversations"]
+        prompt = turns[0]["value"].replace("<image>", "").strip()
+        grounding = prompt.rsplit("\n", 1)[0] if "\n" in prompt else ""  # drop the request line
+        texts.append((grounding + "\n" if grounding else "") + turns[1]["value"])
+    return texts
+
+
+def pretrain_text(model_dir: Path, texts: list[str], recipe: DemoRecipe, log_path: Path | None = None) -> dict:
+    """Stage 0: causal-LM training of the language model's weights (all of them) on ``texts``, saved in place."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from finetune.train import lr_factor
+
+    if not texts:
+        raise EdgeVitError("stage 0: no description samples to pretrain on")
+    processor = AutoProcessor.from_pretrained(model_dir)
+    tok = processor.tokenizer
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    text_model, lm_head = model.model.text_model, model.lm_head
+    params = [p for p in [*text_model.parameters(), *lm_head.parameters()]]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=recipe.pretrain_lr, weight_decay=0.01)
+    warmup = max(1, recipe.pretrain_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup=warmup, total=recipe.pretrain_steps,
+                                                                      min_ratio=0.1))
+    encoded = [tok(tok.bos_token + t + tok.eos_token, add_special_tokens=False)["input_ids"] for t in texts]
+    g = torch.Generator().manual_seed(recipe.seed)
+    model.train()
+    losses, t0 = [], time.perf_counter()
+    log_f = open(log_path, "w", encoding="utf-8") if log_path else None
+    try:
+        for step in range(recipe.pretrain_steps):
+            idx = torch.randint(len(encoded), (recipe.pretrain_batch,), generator=g).tolist()
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
+                mask[r, :len(encoded[i])] = 1
+            labels = ids.masked_fill(mask == 0, -100)
+            hidden = text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = lm_head(hidden[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                     ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if log_f:
+                log_f.write(json.dumps({"step": step + 1, "loss": round(losses[-1], 5)}) + "\n")
+            if (step + 1) % 100 == 0 or step + 1 == recipe.pretrain_steps:
+                print(f"stage 0: step {step + 1}/{recipe.pretrain_steps} loss {sum(losses[-100:]) / len(losses[-100:]):.4f}",
+                      file=sys.stderr, flush=True)
+    finally:
+        if log_f:
+            log_f.close()
+    model.eval()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return {"steps": recipe.pretrain_steps, "texts": len(texts), "first_loss": losses[0], "final_loss":
+            sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ---------------------------------------------------------------- steps
+
+
+def _detector(out: Path, recipe: DemoRecipe, device: str) -> Path:
+    from ultralytics import YOLO
+
+    from export.yolo import YoloExportOptions, export_yolo
+
+    data = out / "shapes" / "data.yaml"
+    model = YOLO("yolo26n.yaml")
+    if recipe.det_init:
+        model = model.load(recipe.det_init)
+    kwargs = dict(data=str(data), imgsz=recipe.imgsz, epochs=recipe.det_epochs, batch=recipe.det_batch, workers=2,
+                  device=device, project=str(out / "runs"), name="detector", exist_ok=True, seed=recipe.seed,
+                  plots=True, amp=False, fliplr=0.5, mosaic=1.0, close_mosaic=8, hsv_h=0.01, hsv_s=0.3, hsv_v=0.3)
+    if recipe.det_hours > 0:
+        kwargs["time"] = recipe.det_hours
+    model.train(**kwargs)
+    best = out / "runs" / "detector" / "weights" / "best.pt"
+    result = export_yolo(str(best), YoloExportOptions(imgsz=recipe.imgsz), out / "detector.onnx")
+    return result.path
+
+
+def _train_stage(stage: int, model: Path, data: Path, out: Path, recipe: DemoRecipe) -> dict:
+    from finetune.merge import merge_adapter
+    from finetune.train import TrainConfig, run_training
+
+    common = dict(model=str(model), data=str(data), out=str(out / f"stage{stage}-adapter"), stage=stage,
+                  batch_size=recipe.batch_size, seed=recipe.seed, tiling="single", precision="fp32", device="cpu",
+                  warmup_ratio=0.05, min_lr_ratio=0.1, lora_dropout=0.0, progress=sys.stderr.isatty(),
+                  log_every=max(1, (recipe.stage1_steps if stage == 1 else recipe.stage2_steps) // 300))
+    if stage == 1:
+        config = TrainConfig(**common, max_steps=recipe.stage1_steps, lr=recipe.stage1_lr)
+    else:
+        config = TrainConfig(**common, max_steps=recipe.stage2_steps, lr=recipe.stage2_lr, lora_r=recipe.lora_r,
+                             lora_alpha=recipe.lora_alpha, train_connector=True,
+                             modules_to_save=recipe.stage2_modules_to_save)
+    summary = run_training(config)
+    merge_adapter(str(model), out / f"stage{stage}-adapter", out / f"stage{stage}", overwrite=True)
+    return summary
+
+
+def _evaluate(out: Path, vlm_dir: Path, recipe: DemoRecipe, device: str) -> dict:
+    from edge_vit.detector import Detector, DetectorConfig
+    from edge_vit.grounding import GroundingConfig
+    from edge_vit.vlm import GenerationConfig, load_vlm
+    from finetune.evaluate import BenchConfig, evaluate, format_table
+    from finetune.shapes import label_scheme
+
+    detector_path = out / "detector.onnx"
+    detector = Detector.load(DetectorConfig(model=str(detector_path), imgsz=recipe.imgsz, device=device))
+    bench = BenchConfig(seed=recipe.eval_seed, size=recipe.eval_size, imgsz=320, labels=label_scheme(detector.names))
+    vlm = load_vlm(str(vlm_dir), device=device)
+    root = out / "eval" / vlm_dir.name
+    if root.exists():
+        shutil.rmtree(root)
+    report, records = evaluate(vlm=vlm, detector=detector, bench=bench, root=root / "benchmark",
+                               generation=GenerationConfig(max_new_tokens=24),
+                               grounding=GroundingConfig(max_tokens=DEMO_GROUNDING_TOKENS),
+                               detector_path=str(detector_path), detector_imgsz=recipe.imgsz, device=device,
+                               progress=sys.stderr.isatty())
+    with open(root / "answers.jsonl", "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    (root / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"{vlm_dir.name}:\n{format_table(report)}", file=sys.stderr)
+    return report
+
+
+def run_demo_models(out: str | Path, recipe: DemoRecipe = DemoRecipe(), steps: tuple[str, ...] = STEPS[:-1],
+                    device: str = "cpu", install_to: Path = ASSETS) -> dict:
+    """Run ``steps`` (in STEPS order) under ``out``; a step whose output exists is skipped. Returns the summary."""
+    import torch
+
+    from edge_vit.grounding import GroundingConfig
+    from finetune.instruct import InstructConfig, SampleKind, build_instruct_data
+    from finetune.shapes import ShapesConfig, generate_shapes
+    from finetune.teachers import TemplateTeacher, load_prompts
+
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise EdgeVitError(f"unknown step(s) {', '.join(unknown)}; steps are {', '.join(STEPS)}")
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    summary["recipe"] = asdict(recipe)
+
+    def save() -> None:
+        summary_path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+
+    def timed(name: str, fn):
+        t0 = time.perf_counter()
+        print(f"== {name}", file=sys.stderr, flush=True)
+        value = fn()
+        summary.setdefault("seconds", {})[name] = round(time.perf_counter() - t0, 1)
+        save()
+        return value
+
+    data_yaml = out / "shapes" / "data.yaml"
+    grounding = GroundingConfig(max_tokens=DEMO_GROUNDING_TOKENS)
+    if "shapes" in steps and not data_yaml.is_file():
+        timed("shapes", lambda: generate_shapes(out / "shapes", ShapesConfig(
+            images=recipe.images, imgsz=recipe.imgsz, seed=recipe.shapes_seed, val_fraction=0.15, test_fraction=0.05,
+            labels="colour-shape")))
+    if "detector" in steps and not (out / "detector.onnx").is_file():
+        timed("detector", lambda: _detector(out, recipe, device))
+    teacher = TemplateTeacher(load_prompts())
+    if "instruct" in steps and not (out / "instruct" / "instruct.json").is_file():
+        def instruct():
+            summary["instruct"] = build_instruct_data(data_yaml, out / "instruct", teacher, InstructConfig(
+                seed=recipe.seed, samples_per_image=recipe.samples_per_image, grounding=grounding))["counts"]
+            summary["instruct_detailed"] = build_instruct_data(data_yaml, out / "instruct-detailed", teacher,
+                                                               InstructConfig(seed=recipe.seed, samples_per_image=1,
+                                                                              kinds=(SampleKind.DETAILED,),
+                                                                              grounding=grounding))["counts"]
+        timed("instruct", instruct)
+    base = out / "base"
+    if "base" in steps and not (base / "model.safetensors").is_file():
+        def build_base():
+            tmp = out / "base.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_demo_vlm(tmp, _corpus(out / "instruct" / "instruct.json"), recipe)
+            summary["pretrain"] = pretrain_text(tmp, pretrain_texts(out / "instruct-detailed" / "instruct.json"),
+                                                recipe, out / "pretrain_loss.jsonl")
+            tmp.rename(base)
+        timed("base", build_base)
+    if "stage1" in steps and not (out / "stage1" / "config.json").is_file():
+        summary["stage1"] = timed("stage1", lambda: _train_stage(1, base, out / "instruct-detailed" / "instruct.json",
+                                                                 out, recipe))
+    if "stage2" in steps and not (out / "stage2" / "config.json").is_file():
+        summary["stage2"] = timed("stage2", lambda: _train_stage(2, out / "stage1", out / "instruct" / "instruct.json",
+                                                                 out, recipe))
+    if "eval" in steps:
+        summary["eval"] = {name: timed(f"eval {name}", lambda name=name: _evaluate(out, out / name, recipe, device))
+                           for name in ("stage1", "stage2")}
+    if "install" in steps:
+        timed("install", lambda: install(out, install_to))
+    save()
+    return summary
+
+
+def install(out: Path, dest: Path = ASSETS) -> Path:
+    """Copy the detector and the demo VLM (weights, config, processor files only) into ``dest``."""
+    vlm_src = out / "stage2"
+    if not (out / "detector.onnx").is_file() or not (vlm_src / "model.safetensors").is_file():
+        raise EdgeVitError(f"{out}: run the detector and stage2 steps before install")
+    vlm_dest = dest / "vlm"
+    if vlm_dest.exists():
+        shutil.rmtree(vlm_dest)
+    vlm_dest.mkdir(parents=True)
+    for item in vlm_src.iterdir():
+        if item.is_file() and item.suffix in (".json", ".safetensors", ".jinja", ".txt") \
+                and item.name != "training_history.json":
+            shutil.copy2(item, vlm_dest / item.name)
+    shutil.copy2(out / "detector.onnx", dest / "detector.onnx")
+    from edge_vit.demo import write_demo_clip
+
+    write_demo_clip(dest)  # the bundled clip with its per-frame ground truth
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8")) if (out / "summary.json").is_file() else {}
+    keep = {k: summary.get(k) for k in ("recipe", "seconds", "pretrain", "eval") if k in summary}
+    (dest / "models.json").write_text(json.dumps(keep, indent=1) + "\n", encoding="utf-8")
+    return dest

@@ -1,0 +1,48 @@
+"""The demo-model recipe end to end at smoke size: every step runs, losses fall, the install layout is right.
+
+It never retrains the shipped models (that takes hours); it proves the script that made them runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from finetune.demo_models import STEPS, DemoRecipe, install, pretrain_texts, run_demo_models
+
+
+@pytest.mark.slow
+def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
+    out = tmp_path / "run"
+    recipe = replace(DemoRecipe.quick(), pretrain_steps=40, threads=1)
+    summary = run_demo_models(out, recipe, steps=STEPS[:-1])
+    assert set(summary["seconds"]) == {"shapes", "detector", "instruct", "base", "stage1", "stage2",
+                                       "eval stage1", "eval stage2"}
+    assert (out / "detector.onnx").is_file()
+    pre = summary["pretrain"]
+    assert pre["final_loss"] < 0.8 * pre["first_loss"]  # stage 0 learns the description text
+    for stage in ("stage1", "stage2"):
+        assert (out / stage / "model.safetensors").is_file() and (out / stage / "training_history.json").is_file()
+    losses = [json.loads(line)["loss"] for line in (out / "stage2-adapter" / "loss.jsonl").read_text().splitlines()]
+    assert len(losses) >= 30 and sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8  # stage 2 learns
+    history = json.loads((out / "stage2" / "training_history.json").read_text())
+    assert [s["stage"] for s in history["stages"]] == [1, 2]
+    for name in ("stage1", "stage2"):
+        report = summary["eval"][name]
+        assert {"grounded", "ungrounded"} <= set(report["accuracy"]) and report["questions"] > 0
+        assert report["detector_val"]["classes_match"]  # the detector has the colour-shape classes
+    # Stage 0 texts never hold a question: answering is left to the stages.
+    texts = pretrain_texts(out / "instruct-detailed" / "instruct.json")
+    assert texts and not any("?" in t for t in texts)
+    # A second run skips what is there.
+    again = run_demo_models(out, recipe, steps=("shapes", "detector", "instruct", "base", "stage1", "stage2"))
+    assert again["seconds"] == summary["seconds"]
+    dest = install(out, tmp_path / "assets")
+    assert (dest / "detector.onnx").is_file() and (dest / "vlm" / "model.safetensors").is_file()
+    assert not (dest / "vlm" / "training_history.json").exists()
+    assert json.loads((dest / "models.json").read_text())["recipe"]["lora_r"] == recipe.lora_r
+    from edge_vit.vlm import load_vlm
+
+    assert load_vlm(str(dest / "vlm")).count_tokens("How many circles are there?") > 0
