@@ -191,6 +191,8 @@ def _add_eval(sub) -> None:
     e.add_argument("--out", default=None, help="keep the benchmark, answers.jsonl and report.json here "
                                                "(default: a temporary folder, removed)")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: --vlm is a folder written by edge-vit export onnx (and --optimize/--quantize)")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     e.add_argument("--tiling", choices=[p.value for p in TilingPolicy], default=TilingPolicy.SINGLE.value)
     e.add_argument("--max-new-tokens", type=positive_int, default=16)
@@ -299,7 +301,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bench = BenchConfig(seed=args.seed, size=args.size, imgsz=args.imgsz, per_kind=args.per_kind, kinds=kinds)
     detector_imgsz = args.detector_imgsz or max(32, args.imgsz // 32 * 32)
     # Cheap checks first: a missing model, adapter or detector fails before anything is rendered or loaded.
-    check_model_folder(args.vlm)
+    if args.backend == "onnx":
+        from edge_vit.vlm.onnx_backend import check_onnx_folder
+
+        if args.adapter:
+            raise EdgeVitError("--adapter works with --backend torch; merge it (edge-vit finetune merge) and "
+                               "export the merged model for --backend onnx")
+        check_onnx_folder(args.vlm)
+    else:
+        check_model_folder(args.vlm)
     if args.adapter:
         read_adapter_config(args.adapter)
     check_detector_path(args.detector)
@@ -324,7 +334,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         detector = Detector.load(DetectorConfig(model=args.detector, conf=args.conf, imgsz=detector_imgsz,
                                                 device=args.device))
         bench = dataclasses.replace(bench, labels=label_scheme(detector.names))
-        vlm = load_vlm_with_adapter(args.vlm, args.adapter, device=args.device, dtype=args.dtype, tiling=args.tiling)
+        if args.backend == "onnx":
+            from edge_vit.vlm import Backend, TilingPolicy, load_vlm
+
+            vlm = load_vlm(args.vlm, Backend.ONNX, device=args.device, tiling=TilingPolicy(args.tiling))
+        else:
+            vlm = load_vlm_with_adapter(args.vlm, args.adapter, device=args.device, dtype=args.dtype,
+                                        tiling=args.tiling)
         report, records = evaluate(
             vlm=vlm, detector=detector, bench=bench, root=root,
             generation=GenerationConfig(max_new_tokens=args.max_new_tokens),
@@ -332,7 +348,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             ungrounded=args.ungrounded, detector_path=args.detector if args.map else None,
             detector_imgsz=detector_imgsz, device=args.device, judge=judge, progress=args.progress,
         )
-        report.update({"vlm": args.vlm, "adapter": args.adapter, "detector": args.detector})
+        report.update({"vlm": args.vlm, "adapter": args.adapter, "backend": args.backend, "detector": args.detector})
         if args.out:
             with open(out / "answers.jsonl", "w", encoding="utf-8") as f:
                 for r in records:

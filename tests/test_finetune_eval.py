@@ -366,3 +366,25 @@ def test_benchmark_kinds_and_colour_shape_labels(tmp_path):
     assert [it for it in with_size if it.kind != "size"] == items and any(it.kind == "size" for it in with_size)
     with pytest.raises(Exception, match="kinds"):
         BenchConfig(kinds=("count", "weather"))
+
+
+def test_eval_onnx_backend_gives_the_torch_answers(capsys, tiny_idefics3, tiny_yolo, tmp_path):
+    """--backend onnx scores the exported graphs: the same predictions as torch, question for question."""
+    from export.onnx_export import export_vlm_onnx
+
+    folder = tmp_path / "onnx"
+    export_vlm_onnx(str(tiny_idefics3), folder)
+    preds = {}
+    for backend, vlm in (("torch", tiny_idefics3), ("onnx", folder)):
+        out = tmp_path / backend
+        rc, stdout, err = _cli(capsys, "finetune", "eval", "--vlm", str(vlm), "--backend", backend,
+                               "--detector", str(tiny_yolo), "--seed", "4", "--size", "3", "--imgsz", "64",
+                               "--out", str(out), "--max-new-tokens", "6", "--no-map", "--no-progress")
+        assert rc == 0, err
+        assert json.loads(stdout.strip().splitlines()[-1])["backend"] == backend
+        preds[backend] = [(a["question"], a["grounded"], a["prediction"])
+                          for a in map(json.loads, (out / "answers.jsonl").read_text().splitlines())]
+    assert preds["onnx"] == preds["torch"] and len(preds["torch"]) > 0
+    rc, _, err = _cli(capsys, "finetune", "eval", "--vlm", str(tiny_idefics3), "--backend", "onnx",
+                      "--detector", str(tiny_yolo))
+    assert rc == 2 and len(err.strip().splitlines()) == 1
