@@ -144,8 +144,8 @@ def _add_merge(sub) -> None:
 def _add_demo_models(sub) -> None:
     r = sub.add_parser("demo-models", help="reproduce the shipped demo detector and VLM from scratch (hours on CPU)")
     r.add_argument("--out", required=True, help="work folder; a step whose output is there already is skipped")
-    r.add_argument("--steps", default="shapes,detector,instruct,base,stage1,stage2,eval",
-                   help="comma-separated steps: shapes, detector, instruct, base, stage1, stage2, eval, install")
+    r.add_argument("--steps", default="shapes,detector,instruct,base,stage1,stage2,eval,export",
+                   help="comma-separated steps: shapes, detector, instruct, base, stage1, stage2, eval, export, install")
     r.add_argument("--install", action="store_true", help="also copy the models into edge_vit/assets/demo")
     r.add_argument("--quick", action="store_true", help="a smoke run with tiny sizes and a few steps (minutes)")
     r.add_argument("--detector-init", default=None, help="start the detector from these weights (.pt)")

@@ -23,7 +23,10 @@ The steps, each resumable (a step whose output exists is skipped):
    plus the connector, on all three kinds), merged: the demo VLM.
 7. ``eval``: ``edge-vit finetune eval`` of stage 1 and stage 2 on a held-out
    benchmark (fresh seed) through detector -> grounding -> VLM.
-8. ``install`` (with ``--install``): copy the detector and the demo VLM into
+8. ``export``: the demo VLM exported to ONNX (fp32), fused and quantized
+   (int8, int4), each variant scored on the same benchmark with the ONNX
+   Runtime backend: what quantization costs in accuracy.
+9. ``install`` (with ``--install``): copy the detector and the demo VLM into
    ``edge_vit/assets/demo``.
 
 What it must not do: download anything, or write into the package without
@@ -44,11 +47,12 @@ from pathlib import Path
 
 from edge_vit.errors import EdgeVitError
 
-__all__ = ["DemoRecipe", "STEPS", "build_demo_vlm", "pretrain_texts", "pretrain_text", "run_demo_models", "ASSETS"]
+__all__ = ["DemoRecipe", "STEPS", "VARIANTS", "build_demo_vlm", "pretrain_texts", "pretrain_text", "run_demo_models", "ASSETS"]
 
 log = logging.getLogger(__name__)
 
-STEPS = ("shapes", "detector", "instruct", "base", "stage1", "stage2", "eval", "install")
+STEPS = ("shapes", "detector", "instruct", "base", "stage1", "stage2", "eval", "export", "install")
+VARIANTS = ("fp32", "int8", "int4")  # the exported demo VLM's variants that the export step scores
 ASSETS = Path(__file__).resolve().parent.parent / "edge_vit" / "assets" / "demo"
 # The grounding budget the demo uses everywhere (data, eval, edge-vit demo): six objects always fit.
 DEMO_GROUNDING_TOKENS = 160
@@ -292,7 +296,27 @@ def _train_stage(stage: int, model: Path, data: Path, out: Path, recipe: DemoRec
     return summary
 
 
-def _evaluate(out: Path, vlm_dir: Path, recipe: DemoRecipe, device: str) -> dict:
+def _export_variants(out: Path, recipe: DemoRecipe, device: str) -> dict:
+    from export.onnx_export import export_vlm_onnx
+    from export.optimize import OptimizeOptions, optimize_onnx_folder
+
+    onnx_dir = out / "onnx"
+    fp32 = onnx_dir / "fp32"
+    if not (fp32 / "manifest.json").is_file():
+        shutil.rmtree(fp32, ignore_errors=True)
+        export_vlm_onnx(str(out / "stage2"), fp32)
+    reports = {}
+    for variant in VARIANTS:
+        folder = onnx_dir / variant
+        if variant != "fp32" and not (folder / "manifest.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            optimize_onnx_folder(fp32, folder, OptimizeOptions(quantize=variant))
+        reports[variant] = _evaluate(out, folder, recipe, device, backend="onnx", name=f"onnx-{variant}")
+    return reports
+
+
+def _evaluate(out: Path, vlm_dir: Path, recipe: DemoRecipe, device: str, backend: str = "torch",
+              name: str | None = None) -> dict:
     from edge_vit.detector import Detector, DetectorConfig
     from edge_vit.grounding import GroundingConfig
     from edge_vit.vlm import GenerationConfig, load_vlm
@@ -302,8 +326,9 @@ def _evaluate(out: Path, vlm_dir: Path, recipe: DemoRecipe, device: str) -> dict
     detector_path = out / "detector.onnx"
     detector = Detector.load(DetectorConfig(model=str(detector_path), imgsz=recipe.imgsz, device=device))
     bench = BenchConfig(seed=recipe.eval_seed, size=recipe.eval_size, imgsz=320, labels=label_scheme(detector.names))
-    vlm = load_vlm(str(vlm_dir), device=device)
-    root = out / "eval" / vlm_dir.name
+    vlm = load_vlm(str(vlm_dir), backend, device=device)
+    name = name or vlm_dir.name
+    root = out / "eval" / name
     if root.exists():
         shutil.rmtree(root)
     report, records = evaluate(vlm=vlm, detector=detector, bench=bench, root=root / "benchmark",
@@ -315,7 +340,7 @@ def _evaluate(out: Path, vlm_dir: Path, recipe: DemoRecipe, device: str) -> dict
         for r in records:
             f.write(json.dumps(r) + "\n")
     (root / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    print(f"{vlm_dir.name}:\n{format_table(report)}", file=sys.stderr)
+    print(f"{name}:\n{format_table(report)}", file=sys.stderr)
     return report
 
 
@@ -388,6 +413,8 @@ def run_demo_models(out: str | Path, recipe: DemoRecipe = DemoRecipe(), steps: t
     if "eval" in steps:
         summary["eval"] = {name: timed(f"eval {name}", lambda name=name: _evaluate(out, out / name, recipe, device))
                            for name in ("stage1", "stage2")}
+    if "export" in steps:
+        summary["export"] = timed("export", lambda: _export_variants(out, recipe, device))
     if "install" in steps:
         timed("install", lambda: install(out, install_to))
     save()
@@ -412,6 +439,6 @@ def install(out: Path, dest: Path = ASSETS) -> Path:
 
     write_demo_clip(dest)  # the bundled clip with its per-frame ground truth
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8")) if (out / "summary.json").is_file() else {}
-    keep = {k: summary.get(k) for k in ("recipe", "seconds", "pretrain", "eval") if k in summary}
+    keep = {k: summary.get(k) for k in ("recipe", "seconds", "pretrain", "eval", "export") if k in summary}
     (dest / "models.json").write_text(json.dumps(keep, indent=1) + "\n", encoding="utf-8")
     return dest

@@ -19,7 +19,7 @@ def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     recipe = replace(DemoRecipe.quick(), pretrain_steps=40, threads=1)
     summary = run_demo_models(out, recipe, steps=STEPS[:-1])
     assert set(summary["seconds"]) == {"shapes", "detector", "instruct", "base", "stage1", "stage2",
-                                       "eval stage1", "eval stage2"}
+                                       "eval stage1", "eval stage2", "export"}
     assert (out / "detector.onnx").is_file()
     pre = summary["pretrain"]
     assert pre["final_loss"] < 0.8 * pre["first_loss"]  # stage 0 learns the description text
@@ -33,6 +33,12 @@ def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
         report = summary["eval"][name]
         assert {"grounded", "ungrounded"} <= set(report["accuracy"]) and report["questions"] > 0
         assert report["detector_val"]["classes_match"]  # the detector has the colour-shape classes
+    # The exported variants answer the same benchmark through the ONNX Runtime backend.
+    assert set(summary["export"]) == {"fp32", "int8", "int4"}
+    assert summary["export"]["fp32"]["questions"] == summary["eval"]["stage2"]["questions"]
+    fp32_answers = (out / "eval" / "onnx-fp32" / "answers.jsonl").read_text().splitlines()
+    torch_answers = (out / "eval" / "stage2" / "answers.jsonl").read_text().splitlines()
+    assert [json.loads(a)["prediction"] for a in fp32_answers] == [json.loads(a)["prediction"] for a in torch_answers]
     # Stage 0 texts never hold a question: answering is left to the stages.
     texts = pretrain_texts(out / "instruct-detailed" / "instruct.json")
     assert texts and not any("?" in t for t in texts)
