@@ -177,3 +177,103 @@ def test_importing_the_onnx_backend_pulls_no_torch_or_optimum():
             "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- shared KV buffer (GroupQueryAttention graphs)
+
+
+@pytest.fixture(scope="module")
+def optimized(folders, tmp_path_factory):
+    """variant -> the tiny Idefics3 export optimized: "fused" (fp32 GQA) and "int8" (GQA + MatMulNBits)."""
+    from export.optimize import OptimizeOptions, Quantization, optimize_onnx_folder
+
+    _, folder = folders["idefics3"]
+    options = {"fused": OptimizeOptions(validate=False),
+               "int8": OptimizeOptions(quantize=Quantization.INT8, quantize_vision=False, validate=False)}
+    return {name: str(optimize_onnx_folder(folder, tmp_path_factory.mktemp(f"vlm-onnx-{name}"), opts).out_dir)
+            for name, opts in options.items()}
+
+
+def _decoder_kind(vlm):
+    return type(vlm.decoder).__name__
+
+
+def test_shared_kv_buffer_is_chosen_for_gqa_graphs_only(folders, optimized):
+    from edge_vit.vlm.onnx_backend import uses_group_query_attention
+
+    for folder in optimized.values():
+        vlm = OnnxVLM.load(folder, ort_config=OrtConfig(threads=1))
+        assert _decoder_kind(vlm) == "_SharedKVDecoder" and uses_group_query_attention(vlm.manifest)
+        assert _decoder_kind(load_vlm(folder, Backend.ONNX, threads=1)) == "_SharedKVDecoder"  # the product path
+        off = OnnxVLM.load(folder, ort_config=OrtConfig(threads=1, share_kv_buffer=False))
+        assert _decoder_kind(off) == "_PlainDecoder"
+    for kind in ("idefics3", "llava"):  # plain exports: standard attention with a growing KV Concat
+        folder = folders[kind][1]
+        vlm = OnnxVLM.load(folder, ort_config=OrtConfig(threads=1))
+        assert _decoder_kind(vlm) == "_PlainDecoder" and not uses_group_query_attention(vlm.manifest)
+        assert _decoder_kind(OnnxVLM.load(folder, ort_config=OrtConfig(threads=1, io_binding=True))) == "_BoundDecoder"
+        with pytest.raises(EdgeVitError, match="GroupQueryAttention") as info:
+            OnnxVLM.load(folder, ort_config=OrtConfig(share_kv_buffer=True))
+        assert "\n" not in str(info.value)
+    # a decoder fused only partly still concatenates some layers' caches: not shareable
+    partial = {"decoder": {"num_layers": 2}, "optimization": {"fusions": {"GroupQueryAttention": 1}}}
+    assert not uses_group_query_attention(partial)
+
+
+@pytest.mark.parametrize("variant", ["fused", "int8"])
+def test_shared_kv_buffer_gives_the_same_32_greedy_tokens(variant, folders, optimized, frame):
+    cfg = GenerationConfig(max_new_tokens=32, min_new_tokens=32)
+    folder = optimized[variant]
+    shared = OnnxVLM.load(folder, ort_config=OrtConfig(threads=1))
+    plain = OnnxVLM.load(folder, ort_config=OrtConfig(threads=1, share_kv_buffer=False))
+    bound = OnnxVLM.load(folder, ort_config=OrtConfig(threads=1, io_binding=True, share_kv_buffer=False))
+    assert (_decoder_kind(shared), _decoder_kind(plain), _decoder_kind(bound)) == (
+        "_SharedKVDecoder", "_PlainDecoder", "_BoundDecoder")
+    ours = _tokens(shared, frame, cfg)
+    assert len(ours) == 32 and ours == _tokens(plain, frame, cfg) == _tokens(bound, frame, cfg)
+    if variant == "fused":  # fp32 GQA: the same tokens as torch, as the growing-cache path gives
+        assert ours == _tokens(load_vlm(folders["idefics3"][0], Backend.TORCH), frame, cfg)
+
+
+def test_shared_kv_buffer_is_written_in_place_with_the_same_logits(optimized):
+    """Logits of prefill + decode steps equal the growing path's; GQA fills the bound buffers, nothing else."""
+    shared = OnnxVLM.load(optimized["fused"], ort_config=OrtConfig(threads=1))
+    plain = OnnxVLM.load(optimized["fused"], ort_config=OrtConfig(threads=1, share_kv_buffer=False))
+    hidden = shared.manifest["decoder"]["hidden_size"]
+    embeds = np.random.default_rng(0).standard_normal((1, 12, hidden), dtype=np.float32)
+    ones = np.ones((1, 16), np.int64)
+    s_cache, p_cache = shared.decoder.new_cache(16), plain.decoder.new_cache(16)
+    buffers = dict(s_cache.past)
+    for seq, start in ((9, 0), (1, 9), (1, 10), (1, 11)):  # prefill, then decode steps
+        step = embeds[:, start:start + seq]
+        a = shared.decoder.run(s_cache, step, ones[:, : start + seq])
+        b = plain.decoder.run(p_cache, step, ones[:, : start + seq])
+        assert a.shape == b.shape and float(np.abs(a - b).max()) <= 1e-5
+    assert s_cache.length == 12 and s_cache.capacity == 16
+    for name, value in s_cache.past.items():
+        assert value is buffers[name]  # still the buffer allocated up front
+        kv = value.numpy()  # [1, H_kv, 16, Dh]; the CPU OrtValue shares the numpy memory
+        assert kv.shape[2] == 16
+        np.testing.assert_allclose(kv[:, :, :12], p_cache.past[name], atol=1e-5)
+        assert not np.any(kv[:, :, 12:])  # not yet written
+
+
+def test_shared_kv_buffer_runs_to_the_end_of_the_context_and_errors_past_it(optimized, frame):
+    folder = optimized["fused"]
+    shared = OnnxVLM.load(folder, ort_config=OrtConfig(threads=1))
+    plain = OnnxVLM.load(folder, ort_config=OrtConfig(threads=1, share_kv_buffer=False))
+    prompt_tokens = collect(shared.generate(frame, PROMPT, GenerationConfig(max_new_tokens=1)))[1].prompt_tokens
+    n = shared.max_context - prompt_tokens  # the last new token fills the model's context exactly
+    cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n)
+    ours = _tokens(shared, frame, cfg)
+    assert len(ours) == n and ours == _tokens(plain, frame, cfg)
+    # driven directly: a full buffer refuses the next position with a clear error instead of writing past it
+    decoder = shared.decoder
+    hidden = shared.manifest["decoder"]["hidden_size"]
+    cache = decoder.new_cache(4)
+    ones = np.ones((1, 5), np.int64)
+    decoder.run(cache, np.zeros((1, 3, hidden), np.float32), ones[:, :3])
+    decoder.run(cache, np.zeros((1, 1, hidden), np.float32), ones[:, :4])
+    with pytest.raises(RuntimeError, match="KV cache full: 4 \\+ 1 positions exceed the 4"):
+        decoder.run(cache, np.zeros((1, 1, hidden), np.float32), ones[:, :5])
+    assert decoder.new_cache(10**6).capacity == shared.max_context == decoder.max_positions  # capped

@@ -16,6 +16,14 @@ IO binding: on CUDA/TensorRT the KV cache stays on the device between steps
 decode logits land in a preallocated host buffer. On CPU plain ``run`` is as
 fast (numpy inputs are not copied; see ``OrtConfig.io_binding``), so the simpler
 path is the default there.
+
+Shared KV buffer: when every decoder layer's attention is a com.microsoft
+GroupQueryAttention (the ``export.optimize`` variants, read from the manifest at
+load), each layer's cache is one preallocated max-length buffer bound as both
+``past_key_values.N.*`` and ``present.N.*``; GQA writes the new positions into it
+in place instead of returning a new, longer ``present`` every step (+10-16 %
+decode tok/s on the int8 SmolVLM-256M decoder; benchmarks/README.md). Plain
+exports (standard attention, growing KV ``Concat``) keep the paths above.
 """
 
 from __future__ import annotations
@@ -70,6 +78,9 @@ class OrtConfig:
     device_id: int = 0
     threads: int | None = None  # intra-op threads; None = ONNX Runtime's default (one per physical core)
     io_binding: bool | None = None  # None = on for CUDA/TensorRT, off for CPU (no gain measured there)
+    # None = on where the decoder's attention is GroupQueryAttention (optimized exports), off otherwise;
+    # True = require it (a plain export is an error); False = the growing-cache paths above.
+    share_kv_buffer: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "provider", ExecutionProvider(self.provider))
@@ -144,6 +155,8 @@ class _Cache:
     past: dict[str, Any]
     length: int = 0
     logits: np.ndarray | None = None  # IO binding: preallocated [1, 1, V] host buffer for decode steps
+    capacity: int | None = None  # shared KV buffer: positions the buffers hold (None: the cache grows)
+    binding: Any = None  # shared KV buffer: the generation's IO binding, caches bound once
 
 
 class _Decoder:
@@ -168,7 +181,8 @@ class _Decoder:
     def _empty_past(self) -> np.ndarray:
         return np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.cache_dtype)  # [B, H_kv, 0, Dh]
 
-    def new_cache(self) -> _Cache:
+    def new_cache(self, max_length: int | None = None) -> _Cache:
+        """An empty cache; ``max_length`` (prompt + new tokens) matters only to the shared-buffer decoder."""
         empty = self._empty_past()
         return _Cache({name: empty for name in self.past_names})
 
@@ -202,7 +216,7 @@ class _BoundDecoder(_Decoder):
         vocab = session.get_outputs()[0].shape[2]
         self.vocab = int(vocab) if isinstance(vocab, int) else None
 
-    def new_cache(self) -> _Cache:
+    def new_cache(self, max_length: int | None = None) -> _Cache:
         empty = ort.OrtValue.ortvalue_from_numpy(self._empty_past(), self.device, self.device_id)
         logits = np.empty((1, 1, self.vocab), dtype=np.float32) if self.vocab else None
         return _Cache({name: empty for name in self.past_names}, logits=logits)
@@ -226,6 +240,78 @@ class _BoundDecoder(_Decoder):
         cache.length += embeds.shape[1]
         logits = buffer if buffer is not None else outputs[0].numpy()
         return logits[0, -1].copy()  # [V]
+
+
+class _SharedKVDecoder(_Decoder):
+    """GroupQueryAttention graphs: one max-length KV buffer per layer, bound as both past and present.
+
+    GQA sees ``past_key`` and ``present_key`` at the same address and writes the step's keys and values
+    at position ``seqlens_k - S + 1`` of the buffer in place; it reads the valid length from the graph's
+    ``attention_mask`` (``seqlens_k = sum(mask) - 1``, ``total_sequence_length = mask.shape[1]``, computed
+    in the graph by ``export.optimize``), so the mask stays [1, length so far] and ``position_ids`` the
+    absolute positions, exactly as on the growing path. Always IO binding (``session.run`` cannot write
+    into a given buffer), on CPU too.
+    """
+
+    def __init__(self, session: ort.InferenceSession, device: str, device_id: int, max_positions: int) -> None:
+        super().__init__(session)
+        self.device, self.device_id = device, device_id
+        self.max_positions = int(max_positions)
+        vocab = session.get_outputs()[0].shape[2]
+        self.vocab = int(vocab) if isinstance(vocab, int) else None
+
+    def new_cache(self, max_length: int | None = None) -> _Cache:
+        # Buffer length = this generation's prompt + max_new_tokens (capped at the model's context), not the
+        # context itself: that is all it can use, and the buffers stay small (SmolVLM-256M: 46 KB a position
+        # over its 60 buffers, 12 MB for a 200-token prompt + 64 tokens vs 377 MB for its 8192 positions).
+        # GQA's cost per step follows the valid length, not the buffer's, so the exact fit costs nothing.
+        capacity = min(int(max_length), self.max_positions) if max_length else self.max_positions
+        shape = (1, self.kv_heads, capacity, self.head_dim)  # [B, H_kv, max_len, Dh]
+        # zeroed (not just allocated) so positions past the valid length never hold stale values
+        past = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.cache_dtype), self.device,
+                                                       self.device_id) for name in self.past_names}
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")  # bound first: output 0 of get_outputs() (rebinding keeps the slot)
+        for past_name, present_name in zip(self.past_names, self.present_names):
+            binding.bind_ortvalue_input(past_name, past[past_name])
+            binding.bind_ortvalue_output(present_name, past[past_name])  # the same buffer: updated in place
+        logits = np.empty((1, 1, self.vocab), dtype=np.float32) if self.vocab else None
+        return _Cache(past, logits=logits, capacity=capacity, binding=binding)
+
+    def run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        seq = embeds.shape[1]
+        if cache.length + seq > cache.capacity:
+            raise RuntimeError(
+                f"KV cache full: {cache.length} + {seq} positions exceed the {cache.capacity} the shared buffer "
+                f"was allocated for (new_cache(max_length)); allocate it for prompt + max_new_tokens")
+        if attention_mask.shape[1] != cache.length + seq:
+            raise RuntimeError(f"attention_mask covers {attention_mask.shape[1]} positions, expected "
+                               f"{cache.length + seq} (GQA reads the valid cache length from it)")
+        binding = cache.binding
+        for name, value in self._feeds(cache, embeds, attention_mask).items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        buffer = cache.logits
+        if buffer is not None and seq > 1:  # prefill: a buffer of its own, [1, S, V]
+            buffer = np.empty((1, seq, self.vocab), dtype=np.float32)
+        if buffer is not None:
+            binding.bind_output("logits", "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+        else:
+            binding.bind_output("logits", "cpu")
+        self.session.run_with_iobinding(binding)
+        cache.length += seq
+        logits = buffer if buffer is not None else binding.get_outputs()[0].numpy()
+        return logits[0, -1].copy()  # [V]
+
+
+def uses_group_query_attention(manifest: dict) -> bool:
+    """Whether ``export.optimize`` fused every decoder layer's attention into GroupQueryAttention.
+
+    Read from the manifest (the optimizer records the fused count); a partly fused decoder would still
+    grow some layers' caches by ``Concat`` and cannot share buffers, so it counts as not fused.
+    """
+    layers = manifest.get("decoder", {}).get("num_layers")
+    fused = (manifest.get("optimization") or {}).get("fusions", {}).get("GroupQueryAttention", 0)
+    return bool(layers) and fused == layers
 
 
 class OnnxVLM:
@@ -274,9 +360,17 @@ class OnnxVLM:
         vision = _session(path / io_spec.VISION_ENCODER, ort_config, providers)
         embed = _session(path / io_spec.EMBED_TOKENS, ort_config, providers)
         decoder_session = _session(path / io_spec.DECODER, ort_config, providers)
-        if ort_config.uses_io_binding:
-            device = "cpu" if ort_config.provider is ExecutionProvider.CPU else "cuda"
-            decoder: _Decoder = _BoundDecoder(decoder_session, device, ort_config.device_id)
+        device = "cpu" if ort_config.provider is ExecutionProvider.CPU else "cuda"
+        gqa = uses_group_query_attention(manifest)
+        if ort_config.share_kv_buffer and not gqa:
+            raise EdgeVitError(f"'{folder}': a shared KV buffer needs a decoder whose attention is "
+                               f"GroupQueryAttention (an `edge-vit export optimize` variant); this one is not")
+        if gqa and ort_config.share_kv_buffer is not False:
+            max_positions = int(manifest.get("decoder", {}).get("max_positions") or
+                                getattr(model_config.get_text_config(), "max_position_embeddings", 2048))
+            decoder: _Decoder = _SharedKVDecoder(decoder_session, device, ort_config.device_id, max_positions)
+        elif ort_config.uses_io_binding:
+            decoder = _BoundDecoder(decoder_session, device, ort_config.device_id)
         else:
             decoder = _PlainDecoder(decoder_session)
         return cls(str(folder), vision, embed, decoder, processor, model_config, tiling=tiling,
@@ -333,7 +427,7 @@ class OnnxVLM:
         ones = np.ones((1, stats.prompt_tokens + config.max_new_tokens), dtype=np.int64)
         attention = inputs["attention_mask"].astype(np.int64)  # [1, T]
         decoder = self.decoder
-        cache = decoder.new_cache()
+        cache = decoder.new_cache(ones.shape[1])  # room for the prompt and every new token
         logits = decoder.run(cache, embeds, attention)  # [V]
         stats.prefill_ms = (time.perf_counter() - t_vis) * 1000
 
