@@ -20,7 +20,9 @@ The steps, each resumable (a step whose output exists is skipped):
 5. ``stage1``: ``edge-vit finetune train --stage 1`` (the connector only, on
    image + grounding -> description), merged.
 6. ``stage2``: ``edge-vit finetune train --stage 2`` (LoRA on the text model,
-   plus the connector, on all three kinds), merged: the demo VLM.
+   plus the connector, on all three kinds), merged; in rounds (``stage2``,
+   ``stage2b``...), each a fresh LoRA on the previous round's merge. The last
+   round is the demo VLM.
 7. ``eval``: ``edge-vit finetune eval`` of stage 1 and stage 2 on a held-out
    benchmark (fresh seed) through detector -> grounding -> VLM.
 8. ``export``: the demo VLM exported to ONNX (fp32), fused and quantized
@@ -88,8 +90,9 @@ class DemoRecipe:
     # stages (edge-vit finetune train)
     stage1_steps: int = 300
     stage1_lr: float = 3e-3
-    stage2_steps: int = 3000
-    stage2_lr: float = 2e-3
+    # Stage 2 rounds (optimizer steps, peak lr): each round is a fresh LoRA on the previous round's merged
+    # model. The shipped model took two: the first, 3000 steps, still underfit (55% on its own training questions).
+    stage2_rounds: tuple[tuple[int, float], ...] = ((3000, 2e-3), (4000, 3e-3))
     batch_size: int = 16
     lora_r: int = 64
     lora_alpha: int = 128
@@ -104,7 +107,7 @@ class DemoRecipe:
     def quick(cls) -> "DemoRecipe":
         return cls(images=60, det_epochs=1, det_hours=0.0, det_batch=8, vocab_size=400, hidden=64, layers=2,
                    intermediate=128, vision_hidden=32, vision_layers=1, tile=64, pretrain_steps=20,
-                   pretrain_batch=8, stage1_steps=10, stage2_steps=40, stage1_lr=1e-2, stage2_lr=1e-2,
+                   pretrain_batch=8, stage1_steps=10, stage1_lr=1e-2, stage2_rounds=((40, 1e-2),),
                    stage2_modules_to_save=("lm_head",), batch_size=4, lora_r=8, lora_alpha=16,
                    samples_per_image=1, eval_size=4)
 
@@ -277,23 +280,35 @@ def _detector(out: Path, recipe: DemoRecipe, device: str) -> Path:
     return result.path
 
 
-def _train_stage(stage: int, model: Path, data: Path, out: Path, recipe: DemoRecipe) -> dict:
+def _train_stage(stage: int, model: Path, data: Path, out: Path, recipe: DemoRecipe, round_: int = 0) -> dict:
+    """Stage 1, or round ``round_`` of stage 2 (a fresh LoRA on the previous round's merged model), merged."""
     from finetune.merge import merge_adapter
     from finetune.train import TrainConfig, run_training
 
-    common = dict(model=str(model), data=str(data), out=str(out / f"stage{stage}-adapter"), stage=stage,
-                  batch_size=recipe.batch_size, seed=recipe.seed, tiling="single", precision="fp32", device="cpu",
-                  warmup_ratio=0.05, min_lr_ratio=0.1, lora_dropout=0.0, progress=sys.stderr.isatty(),
-                  log_every=max(1, (recipe.stage1_steps if stage == 1 else recipe.stage2_steps) // 300))
+    name = stage_name(stage, round_)
+    steps, lr = (recipe.stage1_steps, recipe.stage1_lr) if stage == 1 else recipe.stage2_rounds[round_]
+    common = dict(model=str(model), data=str(data), out=str(out / f"{name}-adapter"), stage=stage,
+                  batch_size=recipe.batch_size, seed=recipe.seed + round_, tiling="single", precision="fp32",
+                  device="cpu", warmup_ratio=0.05 if round_ == 0 else 0.02, min_lr_ratio=0.1, lora_dropout=0.0,
+                  progress=sys.stderr.isatty(), log_every=max(1, steps // 300), max_steps=steps, lr=lr)
     if stage == 1:
-        config = TrainConfig(**common, max_steps=recipe.stage1_steps, lr=recipe.stage1_lr)
+        config = TrainConfig(**common)
     else:
-        config = TrainConfig(**common, max_steps=recipe.stage2_steps, lr=recipe.stage2_lr, lora_r=recipe.lora_r,
-                             lora_alpha=recipe.lora_alpha, train_connector=True,
+        config = TrainConfig(**common, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, train_connector=True,
                              modules_to_save=recipe.stage2_modules_to_save)
     summary = run_training(config)
-    merge_adapter(str(model), out / f"stage{stage}-adapter", out / f"stage{stage}", overwrite=True)
+    merge_adapter(str(model), out / f"{name}-adapter", out / name, overwrite=True)
     return summary
+
+
+def stage_name(stage: int, round_: int = 0) -> str:
+    """Folder of a stage's merged model: stage1, stage2, then stage2b, stage2c... for further stage-2 rounds."""
+    return f"stage{stage}" + ("" if round_ == 0 else "bcdefgh"[round_ - 1])
+
+
+def final_vlm(out: Path, recipe: DemoRecipe) -> Path:
+    """The demo VLM: the last stage-2 round's merged model."""
+    return out / stage_name(2, len(recipe.stage2_rounds) - 1)
 
 
 def _export_variants(out: Path, recipe: DemoRecipe, device: str) -> dict:
@@ -304,7 +319,7 @@ def _export_variants(out: Path, recipe: DemoRecipe, device: str) -> dict:
     fp32 = onnx_dir / "fp32"
     if not (fp32 / "manifest.json").is_file():
         shutil.rmtree(fp32, ignore_errors=True)
-        export_vlm_onnx(str(out / "stage2"), fp32)
+        export_vlm_onnx(str(final_vlm(out, recipe)), fp32)
     reports = {}
     for variant in VARIANTS:
         folder = onnx_dir / variant
@@ -407,23 +422,28 @@ def run_demo_models(out: str | Path, recipe: DemoRecipe = DemoRecipe(), steps: t
     if "stage1" in steps and not (out / "stage1" / "config.json").is_file():
         summary["stage1"] = timed("stage1", lambda: _train_stage(1, base, out / "instruct-detailed" / "instruct.json",
                                                                  out, recipe))
-    if "stage2" in steps and not (out / "stage2" / "config.json").is_file():
-        summary["stage2"] = timed("stage2", lambda: _train_stage(2, out / "stage1", out / "instruct" / "instruct.json",
-                                                                 out, recipe))
+    if "stage2" in steps:
+        previous = out / "stage1"
+        for k in range(len(recipe.stage2_rounds)):
+            name = stage_name(2, k)
+            if not (out / name / "config.json").is_file():
+                summary[name] = timed(name, lambda k=k, previous=previous: _train_stage(
+                    2, previous, out / "instruct" / "instruct.json", out, recipe, k))
+            previous = out / name
     if "eval" in steps:
         summary["eval"] = {name: timed(f"eval {name}", lambda name=name: _evaluate(out, out / name, recipe, device))
-                           for name in ("stage1", "stage2")}
+                           for name in ("stage1", *(stage_name(2, k) for k in range(len(recipe.stage2_rounds))))}
     if "export" in steps:
         summary["export"] = timed("export", lambda: _export_variants(out, recipe, device))
     if "install" in steps:
-        timed("install", lambda: install(out, install_to))
+        timed("install", lambda: install(out, install_to, final_vlm(out, recipe)))
     save()
     return summary
 
 
-def install(out: Path, dest: Path = ASSETS) -> Path:
+def install(out: Path, dest: Path = ASSETS, vlm_src: Path | None = None) -> Path:
     """Copy the detector and the demo VLM (weights, config, processor files only) into ``dest``."""
-    vlm_src = out / "stage2"
+    vlm_src = vlm_src or final_vlm(out, DemoRecipe())
     if not (out / "detector.onnx").is_file() or not (vlm_src / "model.safetensors").is_file():
         raise EdgeVitError(f"{out}: run the detector and stage2 steps before install")
     vlm_dest = dest / "vlm"

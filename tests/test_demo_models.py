@@ -16,10 +16,10 @@ from finetune.demo_models import STEPS, DemoRecipe, install, pretrain_texts, run
 @pytest.mark.slow
 def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     out = tmp_path / "run"
-    recipe = replace(DemoRecipe.quick(), pretrain_steps=40, threads=1)
+    recipe = replace(DemoRecipe.quick(), pretrain_steps=40, threads=1, stage2_rounds=((40, 1e-2), (6, 1e-2)))
     summary = run_demo_models(out, recipe, steps=STEPS[:-1])
-    assert set(summary["seconds"]) == {"shapes", "detector", "instruct", "base", "stage1", "stage2",
-                                       "eval stage1", "eval stage2", "export"}
+    assert set(summary["seconds"]) == {"shapes", "detector", "instruct", "base", "stage1", "stage2", "stage2b",
+                                       "eval stage1", "eval stage2", "eval stage2b", "export"}
     assert (out / "detector.onnx").is_file()
     pre = summary["pretrain"]
     assert pre["final_loss"] < 0.8 * pre["first_loss"]  # stage 0 learns the description text
@@ -27,17 +27,17 @@ def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
         assert (out / stage / "model.safetensors").is_file() and (out / stage / "training_history.json").is_file()
     losses = [json.loads(line)["loss"] for line in (out / "stage2-adapter" / "loss.jsonl").read_text().splitlines()]
     assert len(losses) >= 30 and sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8  # stage 2 learns
-    history = json.loads((out / "stage2" / "training_history.json").read_text())
-    assert [s["stage"] for s in history["stages"]] == [1, 2]
-    for name in ("stage1", "stage2"):
+    history = json.loads((out / "stage2b" / "training_history.json").read_text())
+    assert [s["stage"] for s in history["stages"]] == [1, 2, 2]  # the second round trains on the first's merge
+    for name in ("stage1", "stage2", "stage2b"):
         report = summary["eval"][name]
         assert {"grounded", "ungrounded"} <= set(report["accuracy"]) and report["questions"] > 0
         assert report["detector_val"]["classes_match"]  # the detector has the colour-shape classes
     # The exported variants answer the same benchmark through the ONNX Runtime backend.
     assert set(summary["export"]) == {"fp32", "int8", "int4"}
-    assert summary["export"]["fp32"]["questions"] == summary["eval"]["stage2"]["questions"]
+    assert summary["export"]["fp32"]["questions"] == summary["eval"]["stage2b"]["questions"]
     fp32_answers = (out / "eval" / "onnx-fp32" / "answers.jsonl").read_text().splitlines()
-    torch_answers = (out / "eval" / "stage2" / "answers.jsonl").read_text().splitlines()
+    torch_answers = (out / "eval" / "stage2b" / "answers.jsonl").read_text().splitlines()
     assert [json.loads(a)["prediction"] for a in fp32_answers] == [json.loads(a)["prediction"] for a in torch_answers]
     # Stage 0 texts never hold a question: answering is left to the stages.
     texts = pretrain_texts(out / "instruct-detailed" / "instruct.json")
@@ -45,7 +45,7 @@ def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     # A second run skips what is there.
     again = run_demo_models(out, recipe, steps=("shapes", "detector", "instruct", "base", "stage1", "stage2"))
     assert again["seconds"] == summary["seconds"]
-    dest = install(out, tmp_path / "assets")
+    dest = install(out, tmp_path / "assets", out / "stage2b")
     assert (dest / "detector.onnx").is_file() and (dest / "vlm" / "model.safetensors").is_file()
     assert not (dest / "vlm" / "training_history.json").exists()
     assert json.loads((dest / "models.json").read_text())["recipe"]["lora_r"] == recipe.lora_r
