@@ -56,6 +56,8 @@ def add_trt_yolo_commands(kinds) -> None:
     p.add_argument("--data", default=None, help="dataset YAML with local images, for --int8 calibration")
     p.add_argument("--device", default=None, help="engine: CUDA device (default 0)")
     p.add_argument("--workspace-gb", type=positive_float, default=None, help="engine: TensorRT scratch limit")
+    p.add_argument("--end2end", action=argparse.BooleanOptionalAction, default=True,
+                   help="NMS-free one-to-one head (default); --no-end2end exports the one-to-many head, NMS after")
     p.add_argument("--out", default=None,
                    help="output file (default: next to the .pt, where `edge-vit run --detector X.pt` finds it)")
     p.set_defaults(func=cmd_export_yolo)
@@ -90,7 +92,8 @@ def cmd_export_yolo(args: argparse.Namespace) -> int:
     from export.yolo import YoloExportOptions, export_yolo
 
     options = YoloExportOptions(format=args.format, imgsz=args.imgsz, half=args.half, int8=args.int8,
-                                data=args.data, device=args.device, workspace_gb=args.workspace_gb)
+                                data=args.data, device=args.device, workspace_gb=args.workspace_gb,
+                                end2end=args.end2end)
     result = export_yolo(args.model, options, args.out)
     shape = f", output {result.output_shape}" if result.output_shape else ""
     kind = " (NMS-free end-to-end)" if result.end2end else (" (raw head: NMS after)" if result.end2end is False else "")

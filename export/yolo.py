@@ -44,6 +44,9 @@ class YoloExportOptions:
     data: str | None = None  # dataset YAML for INT8 calibration (local images)
     device: str | None = None  # engine: the CUDA device ("0"); onnx: where Ultralytics traces (default cpu)
     workspace_gb: float | None = None  # engine only
+    # True: the NMS-free one-to-one head, output (1, 300, 6). False: the one-to-many head, which needs NMS
+    # after it (Ultralytics' predictor runs it); more accurate when the one-to-one head is under-trained.
+    end2end: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "format", YoloFormat(self.format))
@@ -101,7 +104,9 @@ def precision_kwargs(half: bool, int8: bool, has_quantize: bool) -> dict:
 
 def export_kwargs(options: YoloExportOptions, *, simplify: bool, has_quantize: bool) -> dict:
     """The arguments for ``YOLO.export``: NMS-free end-to-end output, static batch-1 shapes, nothing downloaded."""
-    kwargs = dict(format=options.format.value, imgsz=options.imgsz, nms=False, simplify=simplify, dynamic=False,
+    # Ultralytics 8.4: nms=False keeps the end-to-end head; nms=None exports the raw one-to-many head.
+    kwargs = dict(format=options.format.value, imgsz=options.imgsz, nms=False if options.end2end else None,
+                  simplify=simplify, dynamic=False,
                   batch=1, verbose=False, **precision_kwargs(options.half, options.int8, has_quantize))
     if options.int8:
         kwargs["data"] = options.data

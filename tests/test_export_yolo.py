@@ -185,3 +185,23 @@ def test_cli_int8_without_data(exported):
     pt, _ = exported
     result = run_cli("export", "yolo", "--model", str(pt), "--int8")
     assert result.returncode == 2 and "--data" in result.stderr
+
+
+def test_no_end2end_exports_the_one_to_many_head_and_the_detector_runs_nms(exported, frame, tmp_path):
+    """--no-end2end: the raw one-to-many head (NMS after), whose boxes match the .pt predicting with that head."""
+    from ultralytics import YOLO
+
+    from edge_vit.detector import Detector, DetectorConfig
+
+    pt, _ = exported
+    assert export_kwargs(YoloExportOptions(end2end=False), simplify=False, has_quantize=True)["nms"] is None
+    raw = export_yolo(str(pt), YoloExportOptions(imgsz=IMGSZ, end2end=False), tmp_path / "raw.onnx")
+    assert raw.end2end is False and raw.output_shape[0] == 1 and raw.output_shape[1] == 4 + 80
+    dets, _ = Detector.load(DetectorConfig(model=str(raw.path), imgsz=IMGSZ, conf=0.25)).detect(frame)
+    model = YOLO(str(pt))
+    model.model.model[-1].end2end = False  # the .pt's one-to-many head, as exported
+    ref = model.predict(frame, imgsz=IMGSZ, conf=0.25, verbose=False)[0].boxes
+    assert len(dets) == len(ref) > 0
+    order = np.lexsort(dets.xyxy.T[::-1])
+    ref_xyxy = ref.xyxy.numpy()
+    assert np.allclose(dets.xyxy[order], ref_xyxy[np.lexsort(ref_xyxy.T[::-1])], atol=1.0)
