@@ -79,27 +79,16 @@ def build_tokenizer(special_tokens: list[str], vocab_size: int = 600, seed: int 
     return tok, PreTrainedTokenizerFast
 
 
-def build_tiny_idefics3(out_dir: str | Path, seed: int = 0, tile: int = 64) -> Path:
-    """A tiny SmolVLM-shaped (Idefics3) model with processor, saved to ``out_dir``.
+IDEFICS3_SPECIAL_TOKENS = (["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<pad>", "<image>",
+                            "<fake_token_around_image>", "<global-img>"]
+                           + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)])
 
-    One ``tile``-pixel tile gives ``(tile/16)^2 / 4`` image tokens (4 at 64 px).
-    With ``do_image_splitting`` the processor's default ``size`` (2 tiles a side)
-    splits a frame into 4 tiles plus the global one, like SmolVLM does at scale.
-    """
-    import torch
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessor,
-        Idefics3Processor,
-    )
 
-    out = Path(out_dir)
-    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<pad>", "<image>",
-                "<fake_token_around_image>", "<global-img>"]
-    specials += [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-    raw, fast_cls = build_tokenizer(specials, seed=seed)
-    tokenizer = fast_cls(
+def idefics3_tokenizer(raw):
+    """Wrap a trained ``tokenizers.Tokenizer`` (with IDEFICS3_SPECIAL_TOKENS) the way SmolVLM's tokenizer is set up."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
         tokenizer_object=raw,
         bos_token="<|im_start|>",
         eos_token="<end_of_utterance>",
@@ -108,31 +97,34 @@ def build_tiny_idefics3(out_dir: str | Path, seed: int = 0, tile: int = 64) -> P
         additional_special_tokens=["<fake_token_around_image>", "<image>", "<end_of_utterance>"],
         model_input_names=["input_ids", "attention_mask"],
     )
-    patch = 16
-    scale = 2
-    image_seq_len = (tile // patch) ** 2 // scale**2
-    image_processor = Idefics3ImageProcessor(
-        size={"longest_edge": 2 * tile},
-        max_image_size={"longest_edge": tile},
-        do_image_splitting=True,
-    )
+
+
+def save_idefics3(out_dir: str | Path, tokenizer, *, tile: int, split: bool, vision: dict, text: dict,
+                  max_positions: int, seed: int = 0) -> Path:
+    """A randomly initialized Idefics3 (SmolVLM architecture) with its processor, saved to ``out_dir``.
+
+    ``vision``/``text``: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads (text: also
+    num_key_value_heads). One ``tile``-pixel tile gives ``(tile/16)^2 / 4`` image tokens; with ``split`` the
+    processor splits a frame into 2x2 tiles plus the global one, like SmolVLM does at scale.
+    """
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
+
+    out = Path(out_dir)
+    patch, scale = 16, 2
     processor = Idefics3Processor(
-        image_processor=image_processor,
+        image_processor=Idefics3ImageProcessor(size={"longest_edge": (2 if split else 1) * tile},
+                                               max_image_size={"longest_edge": tile}, do_image_splitting=split),
         tokenizer=tokenizer,
-        image_seq_len=image_seq_len,
+        image_seq_len=(tile // patch) ** 2 // scale**2,
         chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
     config = Idefics3Config(
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=tile, patch_size=patch,
-        ),
+        vision_config=dict(**vision, image_size=tile, patch_size=patch),
         text_config=dict(
-            model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-            max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=False,
+            model_type="llama", **text, vocab_size=len(tokenizer), max_position_embeddings=max_positions,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
         ),
         scale_factor=scale,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -147,6 +139,22 @@ def build_tiny_idefics3(out_dir: str | Path, seed: int = 0, tile: int = 64) -> P
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     return out
+
+
+def build_tiny_idefics3(out_dir: str | Path, seed: int = 0, tile: int = 64) -> Path:
+    """A tiny SmolVLM-shaped (Idefics3) model with processor, saved to ``out_dir``.
+
+    One ``tile``-pixel tile gives ``(tile/16)^2 / 4`` image tokens (4 at 64 px).
+    With ``do_image_splitting`` the processor's default ``size`` (2 tiles a side)
+    splits a frame into 4 tiles plus the global one, like SmolVLM does at scale.
+    """
+    raw, _ = build_tokenizer(IDEFICS3_SPECIAL_TOKENS, seed=seed)
+    return save_idefics3(
+        out_dir, idefics3_tokenizer(raw), tile=tile, split=True, seed=seed, max_positions=512,
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    )
 
 
 def build_tiny_llava(out_dir: str | Path, seed: int = 0, image_size: int = 32) -> Path:

@@ -126,63 +126,25 @@ def _corpus(instruct_json: Path) -> list[str]:
 
 def build_demo_vlm(out_dir: Path, corpus: list[str], recipe: DemoRecipe) -> Path:
     """A randomly initialized Idefics3 of the recipe's size, with a BPE tokenizer trained on ``corpus``."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessor,
-        Idefics3Processor,
-        PreTrainedTokenizerFast,
-    )
 
-    from edge_vit.tiny import IDEFICS3_CHAT_TEMPLATE
+    from edge_vit.tiny import IDEFICS3_SPECIAL_TOKENS, idefics3_tokenizer, save_idefics3
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<pad>", "<image>",
-                "<fake_token_around_image>", "<global-img>"]
-    specials += [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
     raw = Tokenizer(models.BPE())
+    # Digits one by one: counts are read and written digit by digit, never as merged number tokens.
     raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=recipe.vocab_size, special_tokens=specials,
+    trainer = trainers.BpeTrainer(vocab_size=recipe.vocab_size, special_tokens=IDEFICS3_SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     raw.train_from_iterator(corpus + ["User: Assistant: 0 1 2 3 4 5 6 7 8 9"], trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw, bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<pad>",
-        unk_token="<|endoftext|>", additional_special_tokens=["<fake_token_around_image>", "<image>",
-                                                              "<end_of_utterance>"],
-        model_input_names=["input_ids", "attention_mask"],
+    return save_idefics3(
+        out_dir, idefics3_tokenizer(raw), tile=recipe.tile, split=False, seed=recipe.seed, max_positions=1024,
+        vision=dict(hidden_size=recipe.vision_hidden, intermediate_size=2 * recipe.vision_hidden,
+                    num_hidden_layers=recipe.vision_layers, num_attention_heads=2),
+        text=dict(hidden_size=recipe.hidden, intermediate_size=recipe.intermediate, num_hidden_layers=recipe.layers,
+                  num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads),
     )
-    patch, scale = 16, 2
-    processor = Idefics3Processor(
-        image_processor=Idefics3ImageProcessor(size={"longest_edge": recipe.tile},
-                                               max_image_size={"longest_edge": recipe.tile},
-                                               do_image_splitting=False),
-        tokenizer=tokenizer, image_seq_len=(recipe.tile // patch) ** 2 // scale**2,
-        chat_template=IDEFICS3_CHAT_TEMPLATE,
-    )
-    config = Idefics3Config(
-        vision_config=dict(hidden_size=recipe.vision_hidden, intermediate_size=2 * recipe.vision_hidden,
-                           num_hidden_layers=recipe.vision_layers, num_attention_heads=2, image_size=recipe.tile,
-                           patch_size=patch),
-        text_config=dict(model_type="llama", hidden_size=recipe.hidden, intermediate_size=recipe.intermediate,
-                         num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
-                         num_key_value_heads=recipe.kv_heads, vocab_size=len(tokenizer),
-                         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=False),
-        scale_factor=scale, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )
-    torch.manual_seed(recipe.seed)
-    model = Idefics3ForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    processor.save_pretrained(out_dir)
-    return out_dir
 
 
 def pretrain_texts(instruct_json: Path) -> list[str]:
