@@ -52,3 +52,12 @@ def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     from edge_vit.vlm import load_vlm
 
     assert load_vlm(str(dest / "vlm")).count_tokens("How many circles are there?") > 0
+
+
+def test_cli_unknown_step_is_one_line_exit_2(tmp_path):
+    from helpers import run_cli
+
+    r = run_cli("finetune", "demo-models", "--out", str(tmp_path / "run"), "--steps", "shapes,bogus", "--quick")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "bogus" in r.stderr
+    assert not (tmp_path / "run" / "shapes").exists()  # checked before any step ran
