@@ -173,6 +173,15 @@ def test_cli_exports_to_out(exported, tmp_path):
     assert not (tmp_path / "sub" / "spread-yolo26n.onnx").exists()
 
 
+def test_cli_no_end2end_writes_the_raw_head(exported, tmp_path):
+    pt, _ = exported
+    out = tmp_path / "raw.onnx"
+    result = run_cli("export", "yolo", "--model", str(pt), "--imgsz", str(IMGSZ), "--out", str(out), "--no-end2end",
+                     timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.is_file() and "raw head: NMS after" in result.stdout and f"(1, {4 + 80}," in result.stdout
+
+
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
 def test_cli_engine_without_tensorrt_says_what_to_install(exported):
     pt, _ = exported
