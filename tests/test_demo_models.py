@@ -21,6 +21,10 @@ def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     assert set(summary["seconds"]) == {"shapes", "detector", "instruct", "base", "stage1", "stage2", "stage2b",
                                        "eval stage1", "eval stage2", "eval stage2b", "export"}
     assert (out / "detector.onnx").is_file()
+    # The VLM's data comes from its own scenes (shapes-vlm), not the detector's training split.
+    vlm_scenes = json.loads((out / "instruct" / "manifest.json").read_text())
+    assert "shapes-vlm" in json.dumps(vlm_scenes) and summary["instruct"]["images"] == len(
+        list((out / "shapes-vlm" / "images" / "train").iterdir()))
     pre = summary["pretrain"]
     assert pre["final_loss"] < 0.8 * pre["first_loss"]  # stage 0 learns the description text
     for stage in ("stage1", "stage2"):
