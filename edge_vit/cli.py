@@ -39,6 +39,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, source_required: bool = Tru
     g.add_argument("--imgsz", type=int, default=640, help="detector input size (multiple of 32)")
     g.add_argument("--conf", type=float, default=0.25, help="detector confidence threshold")
     g.add_argument("--classes", default=None, help="comma-separated class names (or ids) to keep, e.g. person,car")
+    g.add_argument("--agnostic-nms", action=argparse.BooleanOptionalAction, default=False,
+                   help="NMS across classes: one box per object when an object can only be one class")
     g.add_argument("--prefer-exported", action=argparse.BooleanOptionalAction, default=True,
                    help="for foo.pt, load foo.onnx (CPU) or foo.engine (CUDA) exported next to it when not older")
     g.add_argument("--track", action=argparse.BooleanOptionalAction, default=False,
@@ -72,6 +74,19 @@ def add_run_arguments(p: argparse.ArgumentParser, *, source_required: bool = Tru
     g.add_argument("--quiet", action="store_true", help="no console output (files only)")
 
 
+def ultralytics_logs_to_stderr() -> None:
+    """Point Ultralytics' log handler at stderr for the rest of this process (the CLI's; not done on import).
+
+    Ultralytics binds its handler to stdout at import and logs while loading a model ("Loading x.onnx for
+    ONNX Runtime inference..."); stdout is for the answers (and `finetune eval`'s table and JSON).
+    """
+    from ultralytics.utils import LOGGER
+
+    for handler in LOGGER.handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
+
+
 def build_and_run(args: argparse.Namespace) -> int:
     """Build every stage from parsed flags and run the stream; returns the exit code."""
     from edge_vit.detector import Detector, DetectorConfig, check_detector_path
@@ -85,7 +100,7 @@ def build_and_run(args: argparse.Namespace) -> int:
     device = args.device
     detector_config = DetectorConfig(
         model=args.detector, conf=args.conf, imgsz=args.imgsz, track=args.track,
-        prefer_exported=args.prefer_exported,
+        prefer_exported=args.prefer_exported, agnostic_nms=args.agnostic_nms,
         classes=tuple(c for c in args.classes.split(",") if c.strip()) if args.classes else None,
         device=device,
     )
@@ -120,6 +135,7 @@ def build_and_run(args: argparse.Namespace) -> int:
         if args.jsonl:
             sinks.append(JsonlSink(args.jsonl))
         video = VideoSink(args.save_video) if args.save_video else None
+        ultralytics_logs_to_stderr()
         detector = Detector.load(detector_config)
         vlm = None
         if args.vlm.lower() != "none":
@@ -175,6 +191,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ]
     for question in questions:
         argv += ["--prompt", question]
+    if paths.agnostic_nms:
+        argv.append("--agnostic-nms")
     if args.max_frames:
         argv += ["--max-frames", str(args.max_frames)]
     if args.quiet:

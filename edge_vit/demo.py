@@ -30,6 +30,10 @@ CLIP_FILE = "clip.mp4"
 # The settings the demo models were trained and evaluated with (finetune/demo_models.py).
 DETECTOR_IMGSZ = 256
 DETECTOR_CONF = 0.25
+# Each shape has one colour-shape class, so NMS runs across classes: class by class, the detector kept an
+# "orange square" on top of an "orange hexagon" and the benchmark's object count was exact on 64.5% of
+# scenes; across classes on 93.0% (seed 2026, 200 scenes).
+DETECTOR_AGNOSTIC_NMS = True
 GROUNDING_TOKENS = 160
 # The bundled clip: 320x240 at 15 fps like the shapes world's clips, cut into scenes so that the answers change.
 CLIP_WIDTH, CLIP_HEIGHT, CLIP_FPS = 320, 240, 15.0
@@ -155,6 +159,7 @@ class DemoPaths:
     video: Path
     imgsz: int = DETECTOR_IMGSZ
     conf: float = DETECTOR_CONF
+    agnostic_nms: bool = DETECTOR_AGNOSTIC_NMS
     grounding_tokens: int = GROUNDING_TOKENS
 
 

@@ -38,6 +38,9 @@ class DetectorConfig:
     tracker: str = "bytetrack.yaml"
     half: bool = False
     max_det: int = 300
+    # NMS over all classes together (Ultralytics' agnostic_nms): one box per object when the classes exclude
+    # each other, as the demo's colour-shape labels do; off by default, as in Ultralytics.
+    agnostic_nms: bool = False
     prefer_exported: bool = True  # load foo.onnx (CPU) / foo.engine (CUDA) exported next to foo.pt; see prefer_exported
 
     def __post_init__(self) -> None:
@@ -94,6 +97,8 @@ class Detector:
             conf=c.conf, iou=c.iou, imgsz=c.imgsz, classes=self.class_ids, device=c.device,
             max_det=c.max_det, verbose=False,
         )
+        if c.agnostic_nms:
+            kwargs["agnostic_nms"] = True
         if c.half:  # only when asked: Ultralytics warns about the option even when it is False
             kwargs["half"] = True
         if c.track:

@@ -197,6 +197,8 @@ def _add_eval(sub) -> None:
     e.add_argument("--tiling", choices=[p.value for p in TilingPolicy], default=TilingPolicy.SINGLE.value)
     e.add_argument("--max-new-tokens", type=positive_int, default=16)
     e.add_argument("--conf", type=float, default=0.25, help="detector confidence threshold")
+    e.add_argument("--agnostic-nms", action=argparse.BooleanOptionalAction, default=False,
+                   help="NMS across classes (one box per object); the demo detector's colour-shape classes want it")
     e.add_argument("--detector-imgsz", type=int, default=None, help="detector input size (default: --imgsz)")
     e.add_argument("--positions", choices=[s.value for s in PositionStyle], default=PositionStyle.WORDS.value)
     e.add_argument("--grounding-tokens", type=positive_int, default=96)
@@ -288,6 +290,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
+    from edge_vit.cli import ultralytics_logs_to_stderr
     from edge_vit.detector import Detector, DetectorConfig, check_detector_path
     from edge_vit.errors import EdgeVitError
     from edge_vit.grounding import GroundingConfig, PositionStyle
@@ -331,8 +334,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise EdgeVitError(f"{root} exists and is not a benchmark folder; not deleting anything there")
         shutil.rmtree(root)
     try:
+        ultralytics_logs_to_stderr()  # it logs while loading the detector; stdout is the report
         detector = Detector.load(DetectorConfig(model=args.detector, conf=args.conf, imgsz=detector_imgsz,
-                                                device=args.device))
+                                                device=args.device, agnostic_nms=args.agnostic_nms))
         bench = dataclasses.replace(bench, labels=label_scheme(detector.names))
         if args.backend == "onnx":
             from edge_vit.vlm import Backend, TilingPolicy, load_vlm

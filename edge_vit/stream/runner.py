@@ -150,7 +150,8 @@ class StreamRunner:
         window = (t0, 0)
         self.emit({
             "type": "start", "source": getattr(self.source, "name", str(self.source)),
-            "detector": self.detector.config.model, "vlm": getattr(self.vlm, "name", None), "prompt": c.prompt,
+            "detector": self.detector.config.model, "detector_settings": _detector_settings(self.detector.config),
+            "vlm": getattr(self.vlm, "name", None), "prompt": c.prompt,
             **({"prompts": list(c.prompts)} if len(c.prompts) > 1 else {}),
         })
         try:
@@ -213,3 +214,8 @@ class StreamRunner:
                     worker.submit(AnswerJob(frame.index, frame.image, prompt, frame.timestamp, reason))
         if self.video is not None:
             self.video.write_frame(annotate(frame.image, detections, self._latest_answer))
+
+
+def _detector_settings(config) -> dict:
+    """The detector settings a run's answers depend on, for its start event (so a JSONL says how it was made)."""
+    return {k: getattr(config, k) for k in ("imgsz", "conf", "iou", "agnostic_nms", "track") if hasattr(config, k)}
