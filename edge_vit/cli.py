@@ -74,22 +74,9 @@ def add_run_arguments(p: argparse.ArgumentParser, *, source_required: bool = Tru
     g.add_argument("--quiet", action="store_true", help="no console output (files only)")
 
 
-def ultralytics_logs_to_stderr() -> None:
-    """Point Ultralytics' log handler at stderr for the rest of this process (the CLI's; not done on import).
-
-    Ultralytics binds its handler to stdout at import and logs while loading a model ("Loading x.onnx for
-    ONNX Runtime inference..."); stdout is for the answers (and `finetune eval`'s table and JSON).
-    """
-    from ultralytics.utils import LOGGER
-
-    for handler in LOGGER.handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
-            handler.setStream(sys.stderr)
-
-
 def build_and_run(args: argparse.Namespace) -> int:
     """Build every stage from parsed flags and run the stream; returns the exit code."""
-    from edge_vit.detector import Detector, DetectorConfig, check_detector_path
+    from edge_vit.detector import Detector, DetectorConfig, check_detector_path, ultralytics_logs_to_stderr
     from edge_vit.grounding import GroundingConfig, PositionStyle
     from edge_vit.stream.runner import RunConfig, StreamRunner
     from edge_vit.stream.scheduler import TriggerConfig

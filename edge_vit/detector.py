@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,25 @@ class DetectorConfig:
             raise EdgeVitError(f"--conf must be in [0, 1], got {self.conf}")
         if self.imgsz < 32 or self.imgsz % 32:
             raise EdgeVitError(f"--imgsz must be a multiple of 32 and >= 32, got {self.imgsz}")
+
+    def box_settings(self) -> dict:
+        """The settings the boxes depend on, for a record of how a run or a report was made."""
+        return {"imgsz": self.imgsz, "conf": self.conf, "iou": self.iou, "agnostic_nms": self.agnostic_nms}
+
+
+def ultralytics_logs_to_stderr() -> list[logging.StreamHandler]:
+    """Point Ultralytics' log handlers that write to stdout at stderr; returns the handlers moved.
+
+    Ultralytics binds its handler to stdout at import and logs while loading a model ("Loading x.onnx for
+    ONNX Runtime inference...") and validating; our CLIs keep stdout for answers and reports. Never done on
+    import: a program using this package keeps Ultralytics' own behaviour.
+    """
+    from ultralytics.utils import LOGGER
+
+    moved = [h for h in LOGGER.handlers if isinstance(h, logging.StreamHandler) and h.stream is sys.stdout]
+    for handler in moved:
+        handler.setStream(sys.stderr)
+    return moved
 
 
 def check_detector_path(model: str) -> None:
@@ -95,10 +115,8 @@ class Detector:
         c = self.config
         kwargs = dict(
             conf=c.conf, iou=c.iou, imgsz=c.imgsz, classes=self.class_ids, device=c.device,
-            max_det=c.max_det, verbose=False,
+            max_det=c.max_det, agnostic_nms=c.agnostic_nms, verbose=False,
         )
-        if c.agnostic_nms:
-            kwargs["agnostic_nms"] = True
         if c.half:  # only when asked: Ultralytics warns about the option even when it is False
             kwargs["half"] = True
         if c.track:

@@ -290,8 +290,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from edge_vit.cli import ultralytics_logs_to_stderr
-    from edge_vit.detector import Detector, DetectorConfig, check_detector_path
+    from edge_vit.detector import Detector, DetectorConfig, check_detector_path, ultralytics_logs_to_stderr
     from edge_vit.errors import EdgeVitError
     from edge_vit.grounding import GroundingConfig, PositionStyle
     from edge_vit.vlm import GenerationConfig

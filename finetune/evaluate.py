@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import re
 import sys
 import time
@@ -172,26 +171,27 @@ def answer_questions(items: Sequence[BenchItem], root: str | Path, detector: Any
     return records
 
 
-def detected_scene(detections: Any) -> list[str]:
-    """A frame's detections as the grounding sees them: sorted "class at position" strings (grid words)."""
+def _scene_entry(name: str, xyxy, image_size: tuple[int, int]) -> str:
     from edge_vit.grounding import PositionStyle, describe_position
 
-    return sorted(f"{detections.names.get(int(c), str(int(c)))} at "
-                  f"{describe_position(xyxy, detections.image_size, PositionStyle.WORDS)}"
+    return f"{name} at {describe_position(xyxy, image_size, PositionStyle.WORDS)}"
+
+
+def detected_scene(detections: Any) -> list[str]:
+    """A frame's detections as the grounding sees them: sorted "class at position" strings (grid words)."""
+    return sorted(_scene_entry(detections.names.get(int(c), str(int(c))), xyxy, detections.image_size)
                   for xyxy, c in zip(detections.xyxy, detections.class_id))
 
 
 def true_scenes(root: str | Path, labels: str) -> dict[str, list[str]]:
     """Each benchmark image's objects in :func:`detected_scene`'s form, from ``questions.json`` (the truth)."""
-    from edge_vit.grounding import PositionStyle, describe_position
     from finetune.shapes import class_names, label_class_id
 
     meta = json.loads((Path(root) / "questions.json").read_text(encoding="utf-8"))
     side = meta["config"]["imgsz"]
     names = class_names(labels)
-    return {image: sorted(f"{names[label_class_id(o['class'], o['colour'], labels)]} at "
-                          f"{describe_position(o['xyxy'], (side, side), PositionStyle.WORDS)}"
-                          for o in scene["objects"])
+    return {image: sorted(_scene_entry(names[label_class_id(o["class"], o["colour"], labels)], o["xyxy"],
+                                       (side, side)) for o in scene["objects"])
             for image, scene in meta["scenes"].items()}
 
 
@@ -231,16 +231,14 @@ def accuracy_table(records: Iterable[dict]) -> dict:
 @contextlib.contextmanager
 def _ultralytics_to_stderr():
     """Send Ultralytics' log handler (bound to stdout at import) and its progress bars to stderr, then restore."""
-    streams = []
-    for handler in logging.getLogger("ultralytics").handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
-            streams.append(handler)
-            handler.setStream(sys.stderr)
+    from edge_vit.detector import ultralytics_logs_to_stderr
+
+    moved = ultralytics_logs_to_stderr()
     try:
         with contextlib.redirect_stdout(sys.stderr):
             yield
     finally:
-        for handler in streams:
+        for handler in moved:
             handler.setStream(sys.stdout)
 
 
@@ -365,9 +363,7 @@ def format_table(report: dict) -> str:
 def _detector_settings(detector: Any) -> dict | None:
     """The detector's model and the settings its boxes depend on (None for a detector without a config)."""
     config = getattr(detector, "config", None)
-    if config is None:
-        return None
-    return {k: getattr(config, k) for k in ("model", "imgsz", "conf", "iou", "agnostic_nms") if hasattr(config, k)}
+    return None if config is None else {"model": config.model, **config.box_settings()}
 
 
 def evaluate(*, vlm: Any, detector: Any, bench: BenchConfig, root: Path, generation: Any, grounding: Any,

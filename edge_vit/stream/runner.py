@@ -148,9 +148,13 @@ class StreamRunner:
         trigger = Trigger(c.trigger)
         t0 = time.monotonic()
         window = (t0, 0)
+        det_config = self.detector.config
+        # A detector of the caller's own (the runner needs only detect() and config.model) has none to record.
+        settings = ({**det_config.box_settings(), "track": det_config.track}
+                    if hasattr(det_config, "box_settings") else {})
         self.emit({
             "type": "start", "source": getattr(self.source, "name", str(self.source)),
-            "detector": self.detector.config.model, "detector_settings": _detector_settings(self.detector.config),
+            "detector": det_config.model, "detector_settings": settings,
             "vlm": getattr(self.vlm, "name", None), "prompt": c.prompt,
             **({"prompts": list(c.prompts)} if len(c.prompts) > 1 else {}),
         })
@@ -214,8 +218,3 @@ class StreamRunner:
                     worker.submit(AnswerJob(frame.index, frame.image, prompt, frame.timestamp, reason))
         if self.video is not None:
             self.video.write_frame(annotate(frame.image, detections, self._latest_answer))
-
-
-def _detector_settings(config) -> dict:
-    """The detector settings a run's answers depend on, for its start event (so a JSONL says how it was made)."""
-    return {k: getattr(config, k) for k in ("imgsz", "conf", "iou", "agnostic_nms", "track") if hasattr(config, k)}
