@@ -1,4 +1,5 @@
-"""argparse value types shared by every ``edge-vit`` subcommand: numbers checked at parse time.
+"""argparse value types shared by every ``edge-vit`` subcommand (numbers checked at parse time), and the
+grounding flags that ``run``, ``finetune data`` and ``finetune eval`` share, so the three write the same prompt.
 
 A bad value becomes argparse's own one-line usage error (exit 2), never a traceback.
 """
@@ -29,3 +30,34 @@ fraction = _checked(float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 
 def int_in(lo: int, hi: int):
     return _checked(int, lambda v: lo <= v <= hi, f"in [{lo}, {hi}]")
+
+
+def size_thresholds(text: str) -> tuple[float, float]:
+    """"0.145,0.25": the two box-size thresholds of the grounding's size words (small below the first...)."""
+    try:
+        small, medium = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be two numbers SMALL,MEDIUM (e.g. 0.15,0.25), got {text!r}") from None
+    if not 0.0 < small < medium <= 1.0:
+        raise argparse.ArgumentTypeError(f"must satisfy 0 < SMALL < MEDIUM <= 1, got {text!r}")
+    return small, medium
+
+
+def add_grounding_args(group, tokens_help: str = "token budget of the grounding text") -> None:
+    """--positions, --grounding-tokens and --size-words on ``group`` (a parser or an argument group)."""
+    from edge_vit.grounding import PositionStyle
+
+    group.add_argument("--positions", choices=[s.value for s in PositionStyle], default=PositionStyle.WORDS.value)
+    group.add_argument("--grounding-tokens", type=positive_int, default=96, help=tokens_help)
+    group.add_argument("--size-words", type=size_thresholds, default=None, metavar="SMALL,MEDIUM",
+                       help="say each object's size: small when its box's longer side is below SMALL of the "
+                            "frame's shorter side, medium below MEDIUM, else large (off by default; a model "
+                            "tuned with them needs them at run time too)")
+
+
+def grounding_from_args(args: argparse.Namespace):
+    """The GroundingConfig that :func:`add_grounding_args`' flags describe."""
+    from edge_vit.grounding import GroundingConfig, PositionStyle
+
+    return GroundingConfig(positions=PositionStyle(args.positions), max_tokens=args.grounding_tokens,
+                           size_words=args.size_words)

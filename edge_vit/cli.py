@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from edge_vit.argtypes import nonneg_float, positive_int
+from edge_vit.argtypes import add_grounding_args, grounding_from_args, nonneg_float, positive_int
 from edge_vit.errors import EdgeVitError
 
 DEFAULT_VLM = "HuggingFaceTB/SmolVLM-256M-Instruct"
@@ -23,7 +23,6 @@ DEFAULT_PROMPT = "Describe what you see in one sentence."
 
 
 def add_run_arguments(p: argparse.ArgumentParser, *, source_required: bool = True) -> None:
-    from edge_vit.grounding import PositionStyle
     from edge_vit.vlm import Backend, TilingPolicy
 
     g = p.add_argument_group("input")
@@ -61,8 +60,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *, source_required: bool = Tru
     g = p.add_argument_group("grounding")
     g.add_argument("--grounding", action=argparse.BooleanOptionalAction, default=True,
                    help="put the detections (classes, counts, positions) into the prompt")
-    g.add_argument("--positions", choices=[s.value for s in PositionStyle], default=PositionStyle.WORDS.value)
-    g.add_argument("--grounding-tokens", type=positive_int, default=96, help="token budget of the grounding text")
+    add_grounding_args(g)
     g = p.add_argument_group("when to answer")
     g.add_argument("--every", type=nonneg_float, default=5.0, help="answer at least every N seconds (0: every frame)")
     g.add_argument("--on-change", action=argparse.BooleanOptionalAction, default=True,
@@ -77,7 +75,6 @@ def add_run_arguments(p: argparse.ArgumentParser, *, source_required: bool = Tru
 def build_and_run(args: argparse.Namespace) -> int:
     """Build every stage from parsed flags and run the stream; returns the exit code."""
     from edge_vit.detector import Detector, DetectorConfig, check_detector_path, ultralytics_logs_to_stderr
-    from edge_vit.grounding import GroundingConfig, PositionStyle
     from edge_vit.stream.runner import RunConfig, StreamRunner
     from edge_vit.stream.scheduler import TriggerConfig
     from edge_vit.stream.sinks import ConsoleSink, JsonlSink, VideoSink
@@ -92,10 +89,7 @@ def build_and_run(args: argparse.Namespace) -> int:
         device=device,
     )
     trigger = TriggerConfig(every_s=args.every, on_change=args.on_change)
-    grounding = (
-        GroundingConfig(positions=PositionStyle(args.positions), max_tokens=args.grounding_tokens)
-        if args.grounding else None
-    )
+    grounding = grounding_from_args(args) if args.grounding else None
     prompts = tuple(args.prompt) if args.prompt else (DEFAULT_PROMPT,)
     run_config = RunConfig(
         prompt=prompts[0], prompts=prompts, max_frames=args.max_frames, grounding=grounding, trigger=trigger,
@@ -180,6 +174,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         argv += ["--prompt", question]
     if paths.agnostic_nms:
         argv.append("--agnostic-nms")
+    if paths.size_words:
+        argv += ["--size-words", ",".join(str(v) for v in paths.size_words)]
     if args.max_frames:
         argv += ["--max-frames", str(args.max_frames)]
     if args.quiet:

@@ -161,6 +161,7 @@ class DemoPaths:
     conf: float = DETECTOR_CONF
     agnostic_nms: bool = DETECTOR_AGNOSTIC_NMS
     grounding_tokens: int = GROUNDING_TOKENS
+    size_words: tuple[float, float] | None = None  # as the VLM was tuned (models.json's "grounding")
 
 
 def demo_paths(workdir: str | Path = ".demo", assets: str | Path | None = None) -> DemoPaths:
@@ -171,7 +172,23 @@ def demo_paths(workdir: str | Path = ".demo", assets: str | Path | None = None) 
     bundled = (assets / CLIP_FILE).is_file() and (assets / "clip.jsonl").is_file()
     clip = (assets if bundled else workdir) / CLIP_FILE
     return DemoPaths(assets=assets, detector=assets / DETECTOR_FILE, vlm=assets / VLM_DIR, clip=clip,
-                     truth=clip.with_suffix(".jsonl"), jsonl=workdir / "demo.jsonl", video=workdir / "demo.mp4")
+                     truth=clip.with_suffix(".jsonl"), jsonl=workdir / "demo.jsonl", video=workdir / "demo.mp4",
+                     size_words=tuned_size_words(assets))
+
+
+def tuned_size_words(assets: Path) -> tuple[float, float] | None:
+    """The size-word thresholds the shipped VLM was tuned with, from ``models.json`` (None: no size words).
+
+    A VLM tuned with size words in its grounding must get them at run time too, and one tuned without must not.
+    """
+    path = Path(assets) / "models.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("grounding", {}).get("size_words")
+        return None if value is None else (float(value[0]), float(value[1]))
+    except (ValueError, TypeError, IndexError, AttributeError, KeyError):
+        raise ModelLoadError(f"{path}: unreadable demo model record; rebuild with: {REBUILD}") from None
 
 
 def missing_models(paths: DemoPaths) -> list[str]:

@@ -9,6 +9,10 @@ count and locate objects it would otherwise miss. The text looks like::
     - car at bottom-right
     - and 1 more not listed
 
+With ``size_words`` each line also says how big the box is ("- small car at
+bottom-right"), so questions that pick an object out by its size ("the small
+car") can be answered from the text.
+
 What it guarantees: ``count_tokens(grounding) <= config.max_tokens`` for any
 input (hundreds of boxes, hundreds of classes, any unicode in class names),
 measured with the ``count_tokens`` given to :func:`ground`. Only whole lines
@@ -29,7 +33,7 @@ from __future__ import annotations
 import math
 import string
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Callable, Sequence
 
@@ -44,6 +48,8 @@ __all__ = [
     "approx_token_count",
     "sanitize_name",
     "describe_position",
+    "describe_size",
+    "SIZE_WORDS",
     "ground",
     "counts_signature",
 ]
@@ -55,6 +61,7 @@ _GRID_WORDS = (
     ("left", "center", "right"),
     ("bottom-left", "bottom", "bottom-right"),
 )
+SIZE_WORDS = ("small", "medium", "large")
 _DIGITS = "0123456789"
 _PUNCTUATION = string.punctuation
 # Last-resort headers carry no number, so cutting them by characters cannot produce a wrong count.
@@ -84,6 +91,10 @@ class GroundingConfig:
     ``max_tokens`` budgets the grounding text only, not the user's instruction.
     ``include_confidence`` is off by default: published ablations found that
     confidence numbers in the prompt add noise rather than help.
+    ``size_words`` (off by default) are two thresholds on a box's longer side
+    over the frame's shorter side: below the first the object is "small",
+    below the second "medium", else "large". What counts as small depends on
+    the scene, so there is no default; the shapes demo uses the shapes world's.
     """
 
     positions: PositionStyle = PositionStyle.WORDS
@@ -92,6 +103,7 @@ class GroundingConfig:
     order: ObjectOrder = ObjectOrder.CONFIDENCE
     include_confidence: bool = False
     header: str = "Detected objects"
+    size_words: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         # Enum(value) accepts members and their string values, rejects anything else.
@@ -108,6 +120,23 @@ class GroundingConfig:
                 raise ValueError(f"GroundingConfig: max_objects must be >= 0, got {self.max_objects}")
         if not sanitize_name(self.header):
             raise ValueError("GroundingConfig: header must contain visible text")
+        if self.size_words is not None:
+            try:
+                small, medium = (float(v) for v in self.size_words)
+            except (TypeError, ValueError):
+                raise ValueError(f"GroundingConfig: size_words must be two numbers, got {self.size_words!r}") from None
+            if not 0.0 < small < medium <= 1.0:
+                raise ValueError(f"GroundingConfig: size_words must satisfy 0 < small < medium <= 1, "
+                                 f"got {self.size_words!r}")
+            object.__setattr__(self, "size_words", (small, medium))
+
+    def as_json(self) -> dict:
+        """The settings as plain JSON values (enums by value), for manifests, reports and start events."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, Enum) else list(value) if isinstance(value, tuple) else value
+        return out
 
 
 def approx_token_count(text: str) -> int:
@@ -167,6 +196,18 @@ def describe_position(xyxy: Sequence[float], image_size: tuple[int, int], style:
     col = 0 if cx3 < w else 1 if cx3 < 2 * w else 2
     row = 0 if cy3 < h else 1 if cy3 < 2 * h else 2
     return _GRID_WORDS[row][col]
+
+
+def describe_size(xyxy: Sequence[float], image_size: tuple[int, int], thresholds: tuple[float, float]) -> str:
+    """"small" / "medium" / "large": the box's longer side over the frame's shorter side, against ``thresholds``.
+
+    The box is clipped to the frame first (as in :func:`describe_position`), so
+    a box hanging off the edge is sized by what is visible.
+    """
+    h, w = image_size
+    x1, y1, x2, y2 = _clip_boxes(np.asarray(xyxy), h, w)[0].tolist()
+    side = max(x2 - x1, y2 - y1) / max(min(h, w), 1)
+    return SIZE_WORDS[0] if side < thresholds[0] else SIZE_WORDS[1] if side < thresholds[1] else SIZE_WORDS[2]
 
 
 def counts_signature(detections: Detections) -> tuple[tuple[str, int], ...]:
@@ -261,6 +302,8 @@ def _ordered_indices(detections: Detections, config: GroundingConfig) -> list[in
 
 def _object_line(detections: Detections, i: int, name: str, config: GroundingConfig) -> str:
     line = "- " + name
+    if config.size_words is not None:
+        line = f"- {describe_size(detections.xyxy[i], detections.image_size, config.size_words)} {name}"
     if detections.tracker_id is not None:
         line += f" #{int(detections.tracker_id[i])}"
     pos = describe_position(detections.xyxy[i], detections.image_size, config.positions)

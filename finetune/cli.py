@@ -16,14 +16,13 @@ import os
 import sys
 from pathlib import Path
 
-from edge_vit.argtypes import fraction, nonneg_int, positive_float, positive_int
+from edge_vit.argtypes import add_grounding_args, fraction, grounding_from_args, nonneg_int, positive_float, positive_int
 
 __all__ = ["add_finetune_commands"]
 
 
 def add_finetune_commands(subparsers) -> None:
     """Register ``finetune`` with its subcommands (shapes, data, train, merge, eval) on ``subparsers``."""
-    from edge_vit.grounding import PositionStyle
     from finetune.instruct import SampleKind
     from finetune.teachers import DEFAULT_PROMPT_VERSION
 
@@ -59,8 +58,7 @@ def add_finetune_commands(subparsers) -> None:
     d.add_argument("--ungrounded-fraction", type=fraction, default=0.0,
                    help="fraction of samples written without the grounding text (ablations)")
     g = d.add_argument_group("grounding (use the values the runtime will use)")
-    g.add_argument("--positions", choices=[s.value for s in PositionStyle], default=PositionStyle.WORDS.value)
-    g.add_argument("--grounding-tokens", type=positive_int, default=96, help="token budget of the grounding text")
+    add_grounding_args(g)
     t = d.add_argument_group("teacher")
     t.add_argument("--teacher", choices=["template", "openai"], default="template",
                    help="template: exact answers from the labels, offline; openai: an OpenAI-compatible endpoint")
@@ -172,7 +170,6 @@ def cmd_demo_models(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub) -> None:
-    from edge_vit.grounding import PositionStyle
     from edge_vit.vlm import TilingPolicy
 
     e = sub.add_parser("eval", help="held-out shapes benchmark through the runtime (detector -> grounding -> VLM)")
@@ -200,8 +197,7 @@ def _add_eval(sub) -> None:
     e.add_argument("--agnostic-nms", action=argparse.BooleanOptionalAction, default=False,
                    help="NMS across classes (one box per object); the demo detector's colour-shape classes want it")
     e.add_argument("--detector-imgsz", type=int, default=None, help="detector input size (default: --imgsz)")
-    e.add_argument("--positions", choices=[s.value for s in PositionStyle], default=PositionStyle.WORDS.value)
-    e.add_argument("--grounding-tokens", type=positive_int, default=96)
+    add_grounding_args(e.add_argument_group("grounding (the values the VLM was tuned with)"))
     e.add_argument("--map", action=argparse.BooleanOptionalAction, default=True,
                    help="validate the detector on the benchmark (Ultralytics mAP50)")
     e.add_argument("--judge-endpoint", default=None, help="OpenAI-compatible API base for a 1-10 judge score")
@@ -232,7 +228,6 @@ def cmd_shapes(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from edge_vit.errors import EdgeVitError
-    from edge_vit.grounding import GroundingConfig, PositionStyle
     from finetune.instruct import InstructConfig, SampleKind, build_instruct_data
     from finetune.teachers import OpenAITeacher, TemplateTeacher, load_prompts
 
@@ -243,7 +238,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     config = InstructConfig(
         split=args.split, seed=args.seed, samples_per_image=args.samples_per_image, kinds=kinds,
         ungrounded_fraction=args.ungrounded_fraction,
-        grounding=GroundingConfig(positions=PositionStyle(args.positions), max_tokens=args.grounding_tokens),
+        grounding=grounding_from_args(args),
     )
     prompts = load_prompts(args.prompt_version)
     if args.teacher == "openai":
@@ -292,7 +287,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from edge_vit.detector import Detector, DetectorConfig, check_detector_path, ultralytics_logs_to_stderr
     from edge_vit.errors import EdgeVitError
-    from edge_vit.grounding import GroundingConfig, PositionStyle
     from edge_vit.vlm import GenerationConfig
     from edge_vit.vlm.torch_backend import check_model_folder
     from finetune.evaluate import BenchConfig, evaluate, format_table
@@ -347,7 +341,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report, records = evaluate(
             vlm=vlm, detector=detector, bench=bench, root=root,
             generation=GenerationConfig(max_new_tokens=args.max_new_tokens),
-            grounding=GroundingConfig(positions=PositionStyle(args.positions), max_tokens=args.grounding_tokens),
+            grounding=grounding_from_args(args),
             ungrounded=args.ungrounded, detector_path=args.detector if args.map else None,
             detector_imgsz=detector_imgsz, device=args.device, judge=judge, progress=args.progress,
         )

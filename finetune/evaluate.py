@@ -61,8 +61,8 @@ class BenchConfig:
     min_objects: int = 0
     max_objects: int = 6
     labels: str = "shape"  # the detector's classes (finetune.shapes.LABEL_SCHEMES), for the mAP labels
-    # The question kinds asked (of finetune.instruct.QUESTION_KINDS). Size is left out by default: the
-    # grounding carries no sizes, so size is a question about the image alone.
+    # The question kinds asked (of finetune.instruct.QUESTION_KINDS). Size is left out by default: without
+    # GroundingConfig.size_words the grounding carries no sizes, so size is a question about the image alone.
     kinds: tuple[str, ...] = ("count", "exists", "colour", "position")
 
     def __post_init__(self) -> None:
@@ -392,6 +392,7 @@ def evaluate(*, vlm: Any, detector: Any, bench: BenchConfig, root: Path, generat
         "benchmark": {"version": BENCH_VERSION, **asdict(bench)},
         "vlm": getattr(vlm, "name", type(vlm).__name__),
         "detector_settings": _detector_settings(detector),
+        "grounding": grounding.as_json() if grounding is not None else None,
         "images": bench.size,
         "questions": len(items),
         "accuracy": accuracy,

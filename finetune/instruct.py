@@ -34,7 +34,7 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -511,7 +511,7 @@ def _stable_int(text: str) -> int:
 
 
 def _grounding_json(config: GroundingConfig, count_tokens: Callable[[str], int]) -> dict:
-    out = {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(config).items()}
+    out = config.as_json()
     out["count_tokens"] = getattr(count_tokens, "__qualname__", type(count_tokens).__name__)
     return out
 

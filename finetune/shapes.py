@@ -33,7 +33,7 @@ from typing import Iterator
 import numpy as np
 
 from edge_vit.errors import EdgeVitError
-from edge_vit.grounding import PositionStyle, describe_position
+from edge_vit.grounding import SIZE_WORDS, PositionStyle, describe_position, describe_size
 
 __all__ = [
     "SHAPE_CLASSES",
@@ -51,6 +51,7 @@ __all__ = [
     "ShapesConfig",
     "ShapesSummary",
     "size_word",
+    "SIZE_THRESHOLDS",
     "render_scene",
     "render_clip",
     "generate_shapes",
@@ -68,7 +69,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 130, 25),
 }
 COLOUR_NAMES = tuple(COLOURS)
-SIZES = ("small", "medium", "large")
+SIZES = SIZE_WORDS  # the grounding's words, so attributes and grounding name sizes alike
 # Label schemes: the detector's classes. "shape" names the shape only ("circle"); "colour-shape" names
 # colour and shape ("red circle", 30 classes), so the grounding text carries the colour too.
 LABEL_SCHEMES = ("shape", "colour-shape")
@@ -77,8 +78,10 @@ SPLITS = ("train", "val", "test")
 
 # Longer box side as a fraction of the shorter image side: drawn from these ranges...
 _SIZE_RANGES = {"small": (0.08, 0.13), "medium": (0.16, 0.23), "large": (0.27, 0.35)}
-# ...and named by these thresholds (see size_word), which sit in the gaps between the ranges.
-_SMALL_BELOW, _MEDIUM_BELOW = 0.145, 0.25
+# ...and named by these thresholds (see size_word), which sit in the gaps between the ranges. The grounding's
+# size words use the same ones (GroundingConfig(size_words=SIZE_THRESHOLDS)), so a detected box is named as its
+# ground truth is.
+SIZE_THRESHOLDS = (0.145, 0.25)
 _MAX_IOU = 0.3
 _MIN_VISIBLE = 0.7
 _PLACEMENT_TRIES = 40
@@ -212,9 +215,7 @@ def label_class_id(shape: str, colour: str, labels: str = "shape") -> int:
 
 def size_word(xyxy, image_size: tuple[int, int]) -> str:
     """"small" / "medium" / "large" from the longer box side over the shorter side of an image of (height, width)."""
-    x1, y1, x2, y2 = (float(v) for v in xyxy)
-    side = max(x2 - x1, y2 - y1) / min(image_size)
-    return "small" if side < _SMALL_BELOW else "medium" if side < _MEDIUM_BELOW else "large"
+    return describe_size(xyxy, image_size, SIZE_THRESHOLDS)
 
 
 # ---------------------------------------------------------------- geometry and drawing

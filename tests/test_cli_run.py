@@ -23,6 +23,9 @@ def test_run_on_clip_writes_jsonl_and_video(tmp_path, clip, tiny_yolo, tiny_idef
     assert r.returncode == 0, r.stderr
     events = read_jsonl(out)
     assert events[0]["type"] == "start" and events[-1]["type"] == "status" and events[-1]["final"]
+    assert events[0]["grounding"] == {"positions": "words", "max_tokens": 96, "max_objects": None,
+                                      "order": "confidence", "include_confidence": False,
+                                      "header": "Detected objects", "size_words": None}
     dets = by_type(events, "detections")
     assert [e["frame"] for e in dets] == list(range(30))
     assert all(set(e["timings"]) == {"detect_pre", "detect_infer", "detect_post"} for e in dets)
@@ -79,6 +82,22 @@ def test_prompt_longer_than_context_is_reported_not_fatal(tmp_path, clip, tiny_y
     errors = by_type(events, "error")
     assert errors and "exceeds the model's context" in errors[0]["message"]
     assert len(by_type(events, "detections")) == 3 and events[-1]["errors"] >= 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--size-words", "0.3,0.1"], "argument --size-words: must satisfy 0 < SMALL < MEDIUM <= 1"),
+        (["--size-words", "small"], "argument --size-words: must be two numbers"),
+        (["--grounding-tokens", "0"], "argument --grounding-tokens: must be >= 1"),
+    ],
+)
+def test_bad_flag_values_are_usage_errors(args, message):
+    # argparse's own error: the usage line, then one error line; exit 2, no traceback.
+    r = run_cli("run", "--source", "x.mp4", *args, timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.strip().splitlines()[-1].startswith(f"edge-vit run: error: {message}"), r.stderr
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize(

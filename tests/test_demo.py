@@ -286,6 +286,8 @@ def test_demo_end_to_end_on_stand_in_models(tmp_path, stand_in_assets):
     # One colour-shape class per shape: the demo runs NMS across classes (edge_vit.demo.DETECTOR_AGNOSTIC_NMS).
     assert events[0]["detector_settings"]["agnostic_nms"] is True
     assert len(by_type(events, "detections")) == 15
+    # No models.json in the stand-in: the VLM was tuned without size words, and runs without them.
+    assert events[0]["grounding"]["size_words"] is None and events[0]["grounding"]["max_tokens"] == 160
     answers = by_type(events, "answer")
     texts = [q.text for q in DEMO_QUESTIONS]
     assert [a["prompt"] for a in answers] == [texts[k % len(texts)] for k in range(len(answers))]
@@ -298,6 +300,22 @@ def test_demo_end_to_end_on_stand_in_models(tmp_path, stand_in_assets):
     assert r.returncode == 0, r.stderr
     assert "no ground truth" in r.stderr and "accuracy vs" not in r.stderr
     assert {a["prompt"] for a in by_type(read_jsonl(work / "demo.jsonl"), "answer")} == {"What do you see?"}
+
+
+def test_demo_grounds_with_the_size_words_its_vlm_was_tuned_with(tmp_path, stand_in_assets):
+    assets = tmp_path / "assets"
+    shutil.copytree(stand_in_assets, assets)
+    (assets / "models.json").write_text(json.dumps({"grounding": {"max_tokens": 160, "size_words": [0.145, 0.25]}}))
+    assert demo_paths(assets=assets).size_words == (0.145, 0.25)
+    work = tmp_path / "demo"
+    r = run_cli("demo", "--assets", str(assets), "--workdir", str(work), "--max-frames", "3", "--quiet", timeout=600)
+    assert r.returncode == 0, r.stderr
+    events = read_jsonl(work / "demo.jsonl")
+    assert events[0]["grounding"]["size_words"] == [0.145, 0.25]
+    (assets / "models.json").write_text("{not json")
+    r = run_cli("demo", "--assets", str(assets), "--workdir", str(work), "--max-frames", "1", timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert "models.json: unreadable demo model record" in r.stderr
 
 
 @pytest.mark.skipif(not SHIPPED, reason="the trained demo models are not installed in edge_vit/assets/demo yet")

@@ -28,6 +28,19 @@ def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     vlm_scenes = json.loads((out / "instruct" / "manifest.json").read_text())
     assert "shapes-vlm" in json.dumps(vlm_scenes) and summary["instruct"]["images"] == len(
         list((out / "shapes-vlm" / "images" / "train").iterdir()))
+    # Stages 0-1 see the plain grounding; the stage-2 rounds from size_words_from_round on (all of them in the
+    # quick recipe) the same samples with size words; each model is scored with the grounding it was tuned with.
+    assert recipe.size_words_from_round == 0 and summary["instruct_sizes"]["samples"] == summary["instruct"]["samples"]
+    plain = json.loads((out / "instruct" / "instruct.json").read_text())
+    sized = json.loads((out / "instruct-sizes" / "instruct.json").read_text())
+    assert [s["conversations"][1:] for s in plain] == [s["conversations"][1:] for s in sized]
+    assert json.loads((out / "instruct-sizes" / "manifest.json").read_text())["grounding"]["size_words"] == [0.145, 0.25]
+    assert json.loads((out / "instruct" / "manifest.json").read_text())["grounding"]["size_words"] is None
+    assert any(" small " in s["conversations"][0]["value"] or " medium " in s["conversations"][0]["value"]
+               or " large " in s["conversations"][0]["value"] for s in sized)
+    assert summary["eval"]["stage1"]["grounding"]["size_words"] is None
+    assert summary["eval"]["stage2b"]["grounding"]["size_words"] == [0.145, 0.25]
+    assert installed["grounding"]["size_words"] == [0.145, 0.25]
     pre = summary["pretrain"]
     assert pre["final_loss"] < 0.8 * pre["first_loss"]  # stage 0 learns the description text
     for stage in ("stage1", "stage2"):

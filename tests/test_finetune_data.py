@@ -545,6 +545,31 @@ def test_cli_data_end_to_end(shapes_ds, tmp_path, capsys):
                  "--kinds", "poems"]) == 2
 
 
+def test_size_words_in_the_grounding_are_the_datasets_sizes(shapes_ds, tmp_path):
+    from edge_vit.cli import main
+    from finetune.shapes import SIZE_THRESHOLDS
+
+    out = tmp_path / "instr"
+    assert main(["finetune", "data", "--dataset", str(shapes_ds / "data.yaml"), "--out", str(out),
+                 "--kinds", "conversation", "--samples-per-image", "1",
+                 "--size-words", ",".join(map(str, SIZE_THRESHOLDS))]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["grounding"]["size_words"] == list(SIZE_THRESHOLDS)
+    listed = 0
+    for s in json.loads((out / "instruct.json").read_text()):
+        first = s["conversations"][0]["value"]
+        dets = _detections_from_label(shapes_ds, s["image"], tuple(s["meta"]["image_size"]))
+        config = GroundingConfig(size_words=SIZE_THRESHOLDS)
+        assert first == "<image>\n" + ground(dets, first.split("\n")[-1], config).text
+        lines = [line for line in first.split("\n") if line.startswith("- ")]
+        # Sizes from the label boxes name each object as the shapes world drew it (its sidecar's size).
+        truth = sorted((o.size, o.name, o.position) for o in _objects_from_sidecar(shapes_ds, s["image"]))
+        said = sorted(tuple(re.fullmatch(r"- (\w+) (\w+) at ([\w-]+)", line).groups()) for line in lines)
+        assert said == truth, s["id"]
+        listed += len(lines)
+    assert listed >= 10
+
+
 # ---------------------------------------------------------------- colour-shape labels (the demo detector's classes)
 
 

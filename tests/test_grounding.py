@@ -17,6 +17,7 @@ from edge_vit.grounding import (
     approx_token_count,
     counts_signature,
     describe_position,
+    describe_size,
     ground,
     sanitize_name,
 )
@@ -322,6 +323,41 @@ def test_ground_does_not_mutate_input():
     assert before[4] == d.names
 
 
+# --- size words ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "box, expected",
+    [
+        ([0, 0, 29, 10], "small"),  # longer side 29 of the shorter frame side 300: 0.097 < 0.1
+        ([0, 0, 10, 30], "medium"),  # exactly 0.1: not below the first threshold
+        ([100, 100, 130, 189], "medium"),
+        ([100, 100, 130, 190], "large"),  # 90 / 300 = 0.3
+        ([-500, 0, 20, 20], "small"),  # clipped to the frame first: 20 px visible
+        ([290, 0, 270, 20], "small"),  # inverted corners
+    ],
+)
+def test_describe_size(box, expected):
+    assert describe_size(box, SIZE, (0.1, 0.3)) == expected
+
+
+def test_size_words_in_lines_not_in_counts():
+    d = dets([[0, 0, 20, 20], [0, 300, 200, 500]], [0.9, 0.8], [0, 1], tid=[4, 7])
+    p = ground(d, "Where is the small person?", GroundingConfig(size_words=(0.1, 0.3)))
+    assert p.grounding.split("\n") == [
+        "Detected objects: 1 car, 1 person.",
+        "- small person #4 at top-left",
+        "- large car #7 at bottom",
+    ]
+    plain = ground(d, "Where is the small person?", GroundingConfig())
+    assert "small" not in plain.grounding and "large" not in plain.grounding  # off by default
+
+
+def test_config_size_words_coerced_to_floats():
+    c = GroundingConfig(size_words=("0.1", 1))
+    assert c.size_words == (0.1, 1.0)
+
+
 # --- config ------------------------------------------------------------------------------------
 
 
@@ -352,6 +388,11 @@ def test_config_coerces_enum_values():
         {"positions": "grid"},
         {"order": "size"},
         {"header": " \n "},
+        {"size_words": (0.3, 0.1)},
+        {"size_words": (0.0, 0.5)},
+        {"size_words": (0.2, 1.5)},
+        {"size_words": (0.2,)},
+        {"size_words": "small"},
     ],
 )
 def test_config_rejects(kwargs):
@@ -438,6 +479,7 @@ configs = st.builds(
     max_objects=st.one_of(st.none(), st.integers(0, 30)),
     order=st.sampled_from(ObjectOrder),
     include_confidence=st.booleans(),
+    size_words=st.one_of(st.none(), st.just((0.1, 0.3)), st.just((0.5, 1.0))),
 )
 instructions = st.one_of(st.just(""), st.text(max_size=40))
 
@@ -466,6 +508,13 @@ def _display(d: Detections) -> list[str]:
 
 def _expected_line(d: Detections, i: int, name: str, cfg: GroundingConfig) -> str:
     line = "- " + name
+    if cfg.size_words is not None:
+        h, w = d.image_size
+        x1, x2 = sorted(np.clip(d.xyxy[i][[0, 2]].astype(np.float64), 0, w))
+        y1, y2 = sorted(np.clip(d.xyxy[i][[1, 3]].astype(np.float64), 0, h))
+        side = max(x2 - x1, y2 - y1) / min(h, w)
+        small, medium = cfg.size_words
+        line = "- " + ("small" if side < small else "medium" if side < medium else "large") + " " + name
     if d.tracker_id is not None:
         line += f" #{int(d.tracker_id[i])}"
     if cfg.positions is not PositionStyle.NONE:

@@ -178,6 +178,8 @@ def test_clip_ground_truth(dataset):
             assert {"class", "colour", "xyxy", "track_id", "size", "position"} <= set(o)
             x1, y1, x2, y2 = o["xyxy"]
             assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+            # The truth's size word is the one the grounding writes for the same box (GroundingConfig.size_words).
+            assert o["size"] == size_word(o["xyxy"], (h, w))
             tracks.setdefault(o["track_id"], []).append(tuple(o["xyxy"]))
     assert any(len(set(boxes)) > 1 for boxes in tracks.values()), "shapes move"
     frames = _decoded_frames(clip)

@@ -156,6 +156,7 @@ class StreamRunner:
             "type": "start", "source": getattr(self.source, "name", str(self.source)),
             "detector": det_config.model, "detector_settings": settings,
             "vlm": getattr(self.vlm, "name", None), "prompt": c.prompt,
+            "grounding": c.grounding.as_json() if c.grounding is not None else None,
             **({"prompts": list(c.prompts)} if len(c.prompts) > 1 else {}),
         })
         try:
