@@ -125,7 +125,7 @@ class Workspace:
         if precision is Precision.FP32:
             return base
         optimize = _optimize_module()
-        key = _sha(base_key, precision.value, _ROOT / "export" / "optimize.py")
+        key = _sha(base_key, precision.value, _variant_options(precision), _ROOT / "export" / "optimize.py")
         out = base.parent / precision.value
 
         def quantize(tmp: Path) -> None:
@@ -237,12 +237,17 @@ def run_optimize(optimize, src: Path, out: Path, precision: Precision) -> None:
     entry, options_cls = getattr(optimize, "optimize_onnx_folder", None), getattr(optimize, "OptimizeOptions", None)
     if entry is None or options_cls is None:
         raise Skip("needs export optimize: export/optimize.py has no optimize_onnx_folder / OptimizeOptions")
+    entry(src, out, options_cls(**{"validate": False, **_variant_options(precision)}))
+
+
+def _variant_options(precision: Precision) -> dict:
+    """OptimizeOptions keywords of ``precision``'s variant in ``benchmarks.onnx_speed.VARIANTS`` (part of the
+    cache key: a changed variant rebuilds its folder)."""
     try:
         from benchmarks.onnx_speed import VARIANTS
     except ImportError:
         VARIANTS = {}
-    kwargs = dict(VARIANTS.get(precision.value) or {"quantize": precision.value})
-    entry(src, out, options_cls(**{"validate": False, **kwargs}))
+    return dict(VARIANTS.get(precision.value) or {"quantize": precision.value})
 
 
 def check_trt(device: str) -> None:

@@ -72,6 +72,26 @@ def test_tiling_policy_single_vs_split(tiny_idefics3, frame):
     assert s2.tiles == 5 and s2.image_tokens == 20  # 2x2 grid + global tile, as SmolVLM splits at scale
 
 
+def test_single_tile_resizes_the_frame_once(tiny_idefics3):
+    """SINGLE skips Idefics3's resize to `size` (an upscale the squash to one tile undoes): one resize,
+    the same tile within a couple of grey levels, and a split processor keeps its resize."""
+    from PIL import Image
+
+    single = load_vlm(str(tiny_idefics3), tiling=TilingPolicy.SINGLE)
+    split = load_vlm(str(tiny_idefics3), tiling="split")
+    ip = single.processor.image_processor
+    assert ip.do_resize is False and split.processor.image_processor.do_resize is True
+    yy, xx = np.mgrid[0:150, 0:200]  # a smooth 200x150 frame; `size` would first take it to 128x96
+    image = Image.fromarray(np.stack([xx, yy, 255 * ((xx // 25 + yy // 25) % 2)], -1).astype(np.uint8))
+    once = ip(images=[image], return_tensors="np")["pixel_values"]
+    ip.do_resize = True
+    twice = ip(images=[image], return_tensors="np")["pixel_values"]
+    direct = np.asarray(image.resize((64, 64), Image.Resampling.LANCZOS), dtype=np.float32) / 127.5 - 1
+    assert once.shape == twice.shape == (1, 1, 3, 64, 64)
+    assert np.abs(once[0, 0] - direct.transpose(2, 0, 1)).max() <= 2 / 127.5 + 1e-6  # frame -> tile, one step
+    assert np.abs(once - twice).mean() < 0.02
+
+
 def test_bfloat16_loads_and_generates(tiny_idefics3, frame):
     vlm = load_vlm(str(tiny_idefics3), dtype="bfloat16")
     text, stats = collect(vlm.generate(frame, "hi", GenerationConfig(max_new_tokens=4, min_new_tokens=4)))
