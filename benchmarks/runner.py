@@ -289,6 +289,21 @@ def synthetic_scene(n: int, names: dict[int, str], image_size: tuple[int, int], 
                       np.asarray([classes[i % len(classes)] for i in range(n)]), names, (h, w))
 
 
+def _prepare_vlm(suite: Suite, spec: VlmSpec, backend: BackendSpec) -> str:
+    """Build (or find in the work dir) the folder this backend loads. Called before a case's memory monitor
+    starts: an export or a quantization run in this process would otherwise count as the case's memory."""
+    if backend.backend is VlmBackend.TORCH:
+        return suite.ws.vlm_folder(spec)  # a folder, or a cached hub id
+    if backend.backend is VlmBackend.ONNX:
+        if suite.cuda:
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise Skip("ONNX Runtime has no CUDA provider here (pip install -e '.[gpu]' for onnxruntime-gpu)")
+        return str(suite.ws.onnx_folder(spec, backend.precision))
+    return str(suite.ws.trt_folder(spec))
+
+
 def _load_vlm(suite: Suite, spec: VlmSpec, backend: BackendSpec, tiling: Tiling):
     """The product's VLM for this backend/precision and its decode footprint (weights, KV bytes per position)."""
     import json
@@ -299,35 +314,29 @@ def _load_vlm(suite: Suite, spec: VlmSpec, backend: BackendSpec, tiling: Tiling)
 
     s = suite.s
     policy = TilingPolicy(tiling.value)
+    folder = _prepare_vlm(suite, spec, backend)  # already built when the caller prepared it
     if backend.backend is VlmBackend.TORCH:
         dtype = TORCH_DTYPES[backend.precision]
-        vlm = load_vlm(suite.ws.vlm_folder(spec), Backend.TORCH, device=s.device, dtype=dtype, tiling=policy)
+        vlm = load_vlm(folder, Backend.TORCH, device=s.device, dtype=dtype, tiling=policy)
         shape = io_spec.DecoderShape.from_text_config(vlm.model.config.get_text_config())
         element = next(vlm.model.parameters()).element_size()
         return vlm, Footprint(torch_decoder_bytes(vlm.model),
                               kv_bytes_per_position(shape.num_layers, shape.num_kv_heads, shape.head_dim, element),
                               f"PyTorch text-model parameters + lm_head at {dtype}")
     if backend.backend is VlmBackend.ONNX:
-        if suite.cuda:
-            import onnxruntime as ort
-
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise Skip("ONNX Runtime has no CUDA provider here (pip install -e '.[gpu]' for onnxruntime-gpu)")
-        folder = suite.ws.onnx_folder(spec, backend.precision)
         vlm = load_vlm(str(folder), Backend.ONNX, device=s.device, threads=s.threads, tiling=policy)
         d = vlm.decoder
-        weights, source = onnx_decoder_bytes(folder, backend.precision.value)
+        weights, source = onnx_decoder_bytes(Path(folder), backend.precision.value)
         return vlm, Footprint(weights,
                               kv_bytes_per_position(d.num_layers, d.kv_heads, d.head_dim, np.dtype(d.cache_dtype).itemsize),
                               source)
     from export.trt_profiles import ENGINE_FILES, TRT_MANIFEST
 
-    folder = suite.ws.trt_folder(spec)
     vlm = load_vlm(str(folder), Backend.TRT, device=s.device, tiling=policy)
-    manifest = json.loads((folder / TRT_MANIFEST).read_text(encoding="utf-8"))
+    manifest = json.loads((Path(folder) / TRT_MANIFEST).read_text(encoding="utf-8"))
     shape = manifest["decoder"]
     kv_element = 2 if manifest.get("kv_dtype", "float16") == "float16" else 4
-    return vlm, Footprint((folder / ENGINE_FILES[io_spec.DECODER]).stat().st_size,
+    return vlm, Footprint((Path(folder) / ENGINE_FILES[io_spec.DECODER]).stat().st_size,
                           kv_bytes_per_position(shape["num_layers"], shape["num_kv_heads"], shape["head_dim"], kv_element),
                           "size of the decoder engine (fp16)")
 
@@ -367,6 +376,7 @@ def _vlm_group(suite: Suite, spec: VlmSpec, backend: BackendSpec, tiling: Tiling
     def load() -> dict:
         if isinstance(pipeline, Exception):
             raise Skip(f"the pipeline detector cannot run here: {pipeline}")
+        _prepare_vlm(suite, spec, backend)
         monitor = suite.monitor()
         monitor.__enter__()
         state["monitor"] = monitor
@@ -523,6 +533,7 @@ def bench_stream(suite: Suite, clip: Path, frames: list[np.ndarray]) -> dict:
 
     def run() -> dict:
         detector = Detector.load(_detector_config(suite, s.detector(st.detector), st.detector_backend))
+        _prepare_vlm(suite, s.vlm(st.vlm), st.backend)
         with suite.monitor() as mon:
             vlm, _ = _load_vlm(suite, s.vlm(st.vlm), st.backend, st.tiling)
             grounding = GroundingConfig(max_tokens=prompt.grounding_tokens) if prompt.grounding else None

@@ -209,6 +209,39 @@ def test_quantization_goes_through_export_optimize_or_is_skipped_with_the_reason
         run_optimize(SimpleNamespace(), tmp_path / "fp32", tmp_path / "int8", Precision.INT8)
 
 
+def test_a_cases_memory_does_not_count_building_its_model(monkeypatch):
+    """Exports and quantization run in the bench process: they happen before the case's memory monitor starts
+    (the 2026-12-01 run's int8 rows had counted the quantization: +6 GB for a model that runs in 1.4 GB)."""
+    from types import SimpleNamespace
+
+    from benchmarks import runner
+    from benchmarks.scenario import BackendSpec, Precision, Tiling, VlmBackend
+
+    events = []
+
+    class Monitor:
+        result = {"peak_rss_mb": 1.0}
+
+        def __enter__(self):
+            events.append("monitor")
+            return self
+
+        def __exit__(self, *exc):
+            events.append("monitor done")
+
+    def load(suite, spec, backend, tiling):
+        events.append("load")
+        return object(), None
+
+    monkeypatch.setattr(runner, "_load_vlm", load)
+    ws = SimpleNamespace(onnx_folder=lambda spec, precision: events.append(f"build {precision.value}") or "/x")
+    suite = SimpleNamespace(s=SimpleNamespace(prompts=[]), ws=ws, cuda=False, monitor=Monitor,
+                            guarded=lambda case, fn: {**case, **fn(), "status": "ok"})
+    ran = runner._vlm_group(suite, SimpleNamespace(name="m"), BackendSpec(VlmBackend.ONNX, Precision.INT8),
+                            Tiling.SINGLE, [], [], None, {}, None)
+    assert ran and events == ["build int8", "monitor", "load", "monitor done"]
+
+
 # ------------------------------------------------------------------------------------------ the quick run
 
 
