@@ -105,6 +105,8 @@ def _history(base: str, adapter: Path) -> dict:
 def merge_adapter(base: str, adapter: str | Path, out: str | Path, *, dtype: str = "float32",
                   overwrite: bool = False) -> Path:
     """Write ``base`` + ``adapter`` as one transformers model folder at ``out``; returns ``out``."""
+    from transformers import AutoProcessor
+
     from edge_vit.vlm.torch_backend import TorchVLM, check_model_folder
 
     adapter = Path(adapter)
@@ -123,7 +125,9 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, *, dtype: str
     model = apply_adapter(vlm.model, adapter)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    vlm.processor.save_pretrained(out)
+    # The base's processor as it is on disk: the loaded one carries the runtime's tiling settings
+    # (apply_tiling), which would otherwise become the merged model's defaults.
+    AutoProcessor.from_pretrained(base).save_pretrained(out)
     history = _history(base, adapter)
     (out / "training_history.json").write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
     card = adapter / "README.md"

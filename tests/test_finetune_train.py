@@ -411,6 +411,9 @@ def test_merged_model_loads_with_load_vlm_and_generates_like_base_plus_adapter(k
     out, _ = runs[(kind, 2)]
     merged_dir = merge_adapter(str(models[kind]), out, tmp_path / "merged")
     assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "README.md").is_file()
+    # the base's processor settings, not the runtime's tiling (apply_tiling changes the loaded processor)
+    assert (json.loads((merged_dir / "preprocessor_config.json").read_text()) ==
+            json.loads((Path(models[kind]) / "preprocessor_config.json").read_text()))
     history = json.loads((merged_dir / "training_history.json").read_text())
     assert [s["stage"] for s in history["stages"]] == [2]
     merged = load_vlm(str(merged_dir))

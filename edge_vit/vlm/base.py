@@ -127,11 +127,12 @@ def apply_tiling(processor: Any, policy: TilingPolicy) -> None:
     image_processor = getattr(processor, "image_processor", None)
     if image_processor is not None and hasattr(image_processor, "do_image_splitting"):
         image_processor.do_image_splitting = policy is TilingPolicy.SPLIT
-        if policy is TilingPolicy.SINGLE and hasattr(image_processor, "do_resize"):
+        if hasattr(image_processor, "do_resize"):
             # Without splitting, Idefics3 first resizes to `size` (SmolVLM: 4 tiles a side, a 4x upscale of a
             # 512-px frame) and then squashes that to one tile: the first resize changes nothing but time
             # (83 -> 14 ms per 640x480 frame for a 512-px tile; pixels within 2/255). One resize, frame -> tile.
-            image_processor.do_resize = False
+            # Splitting needs it: `size` decides the tile grid.
+            image_processor.do_resize = policy is TilingPolicy.SPLIT
 
 
 def chat_text(processor: Any, prompt: str) -> str:
