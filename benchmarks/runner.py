@@ -304,8 +304,9 @@ def _prepare_vlm(suite: Suite, spec: VlmSpec, backend: BackendSpec) -> str:
     return str(suite.ws.trt_folder(spec))
 
 
-def _load_vlm(suite: Suite, spec: VlmSpec, backend: BackendSpec, tiling: Tiling):
-    """The product's VLM for this backend/precision and its decode footprint (weights, KV bytes per position)."""
+def _load_vlm(suite: Suite, folder: str, backend: BackendSpec, tiling: Tiling):
+    """The product's VLM in ``folder`` (from :func:`_prepare_vlm`) for this backend/precision, and its decode
+    footprint (weights, KV bytes per position)."""
     import json
 
     from benchmarks.roofline import kv_bytes_per_position, onnx_decoder_bytes, torch_decoder_bytes
@@ -314,7 +315,6 @@ def _load_vlm(suite: Suite, spec: VlmSpec, backend: BackendSpec, tiling: Tiling)
 
     s = suite.s
     policy = TilingPolicy(tiling.value)
-    folder = _prepare_vlm(suite, spec, backend)  # already built when the caller prepared it
     if backend.backend is VlmBackend.TORCH:
         dtype = TORCH_DTYPES[backend.precision]
         vlm = load_vlm(folder, Backend.TORCH, device=s.device, dtype=dtype, tiling=policy)
@@ -324,7 +324,7 @@ def _load_vlm(suite: Suite, spec: VlmSpec, backend: BackendSpec, tiling: Tiling)
                               kv_bytes_per_position(shape.num_layers, shape.num_kv_heads, shape.head_dim, element),
                               f"PyTorch text-model parameters + lm_head at {dtype}")
     if backend.backend is VlmBackend.ONNX:
-        vlm = load_vlm(str(folder), Backend.ONNX, device=s.device, threads=s.threads, tiling=policy)
+        vlm = load_vlm(folder, Backend.ONNX, device=s.device, threads=s.threads, tiling=policy)
         d = vlm.decoder
         weights, source = onnx_decoder_bytes(Path(folder), backend.precision.value)
         return vlm, Footprint(weights,
@@ -332,7 +332,7 @@ def _load_vlm(suite: Suite, spec: VlmSpec, backend: BackendSpec, tiling: Tiling)
                               source)
     from export.trt_profiles import ENGINE_FILES, TRT_MANIFEST
 
-    vlm = load_vlm(str(folder), Backend.TRT, device=s.device, tiling=policy)
+    vlm = load_vlm(folder, Backend.TRT, device=s.device, tiling=policy)
     manifest = json.loads((Path(folder) / TRT_MANIFEST).read_text(encoding="utf-8"))
     shape = manifest["decoder"]
     kv_element = 2 if manifest.get("kv_dtype", "float16") == "float16" else 4
@@ -376,12 +376,12 @@ def _vlm_group(suite: Suite, spec: VlmSpec, backend: BackendSpec, tiling: Tiling
     def load() -> dict:
         if isinstance(pipeline, Exception):
             raise Skip(f"the pipeline detector cannot run here: {pipeline}")
-        _prepare_vlm(suite, spec, backend)
+        folder = _prepare_vlm(suite, spec, backend)
         monitor = suite.monitor()
         monitor.__enter__()
         state["monitor"] = monitor
         t0 = time.perf_counter()
-        state["vlm"], state["footprint"] = _load_vlm(suite, spec, backend, tiling)
+        state["vlm"], state["footprint"] = _load_vlm(suite, folder, backend, tiling)
         state["load_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         return {}
 
@@ -533,9 +533,9 @@ def bench_stream(suite: Suite, clip: Path, frames: list[np.ndarray]) -> dict:
 
     def run() -> dict:
         detector = Detector.load(_detector_config(suite, s.detector(st.detector), st.detector_backend))
-        _prepare_vlm(suite, s.vlm(st.vlm), st.backend)
+        folder = _prepare_vlm(suite, s.vlm(st.vlm), st.backend)
         with suite.monitor() as mon:
-            vlm, _ = _load_vlm(suite, s.vlm(st.vlm), st.backend, st.tiling)
+            vlm, _ = _load_vlm(suite, folder, st.backend, st.tiling)
             grounding = GroundingConfig(max_tokens=prompt.grounding_tokens) if prompt.grounding else None
             result = run_stream(str(clip), detector, vlm, prompt.instruction, grounding, st.new_tokens, frames[0])
             del vlm

@@ -34,13 +34,16 @@ def int_in(lo: int, hi: int):
 
 def size_thresholds(text: str) -> tuple[float, float]:
     """"0.145,0.25": the two box-size thresholds of the grounding's size words (small below the first...)."""
+    from edge_vit.grounding import GroundingConfig
+
     try:
         small, medium = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be two numbers SMALL,MEDIUM (e.g. 0.15,0.25), got {text!r}") from None
-    if not 0.0 < small < medium <= 1.0:
-        raise argparse.ArgumentTypeError(f"must satisfy 0 < SMALL < MEDIUM <= 1, got {text!r}")
-    return small, medium
+    try:  # GroundingConfig owns the bound
+        return GroundingConfig(size_words=(small, medium)).size_words
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must satisfy 0 < SMALL < MEDIUM <= 1, got {text!r}") from None
 
 
 def add_grounding_args(group, tokens_help: str = "token budget of the grounding text") -> None:

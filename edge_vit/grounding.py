@@ -301,9 +301,9 @@ def _ordered_indices(detections: Detections, config: GroundingConfig) -> list[in
 
 
 def _object_line(detections: Detections, i: int, name: str, config: GroundingConfig) -> str:
-    line = "- " + name
-    if config.size_words is not None:
-        line = f"- {describe_size(detections.xyxy[i], detections.image_size, config.size_words)} {name}"
+    size = ("" if config.size_words is None else
+            describe_size(detections.xyxy[i], detections.image_size, config.size_words) + " ")
+    line = f"- {size}{name}"
     if detections.tracker_id is not None:
         line += f" #{int(detections.tracker_id[i])}"
     pos = describe_position(detections.xyxy[i], detections.image_size, config.positions)

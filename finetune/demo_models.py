@@ -140,6 +140,10 @@ class DemoRecipe:
         sizes = self.size_words_from_round is not None and round_ is not None and round_ >= self.size_words_from_round
         return GroundingConfig(max_tokens=DEMO_GROUNDING_TOKENS, size_words=SIZE_THRESHOLDS if sizes else None)
 
+    def final_grounding(self):
+        """The demo VLM's grounding: the last stage-2 round's."""
+        return self.grounding(len(self.stage2_rounds) - 1)
+
     def instruct_data(self, round_: int) -> str:
         """The instruction data folder that stage-2 round ``round_`` trains on."""
         return "instruct-sizes" if self.grounding(round_).size_words else "instruct"
@@ -348,7 +352,7 @@ def _evaluate(out: Path, vlm_dir: Path, recipe: DemoRecipe, device: str, backend
         shutil.rmtree(root)
     report, records = evaluate(vlm=vlm, detector=detector, bench=bench, root=root / "benchmark",
                                generation=GenerationConfig(max_new_tokens=24),
-                               grounding=grounding or recipe.grounding(len(recipe.stage2_rounds) - 1),
+                               grounding=grounding or recipe.final_grounding(),
                                detector_path=str(detector_path), detector_imgsz=recipe.imgsz, device=device,
                                progress=sys.stderr.isatty())
     with open(root / "answers.jsonl", "w", encoding="utf-8") as f:
@@ -455,8 +459,7 @@ def run_demo_models(out: str | Path, recipe: DemoRecipe = DemoRecipe(), steps: t
         summary["export"] = timed("export", lambda: _export_variants(out, recipe, device))
     if "install" in steps:
         save()  # install copies summary.json into models.json: the export step's report must be in it
-        timed("install", lambda: install(out, install_to, final_vlm(out, recipe),
-                                         grounding=recipe.grounding(len(recipe.stage2_rounds) - 1)))
+        timed("install", lambda: install(out, install_to, final_vlm(out, recipe), grounding=recipe.final_grounding()))
     save()
     return summary
 
@@ -484,6 +487,6 @@ def install(out: Path, dest: Path = ASSETS, vlm_src: Path | None = None, groundi
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8")) if (out / "summary.json").is_file() else {}
     keep = {k: summary.get(k) for k in ("recipe", "seconds", "pretrain", "eval", "export") if k in summary}
     # The grounding the demo VLM was tuned with: edge-vit demo runs it with the same (demo_paths reads it).
-    keep["grounding"] = (grounding or DemoRecipe().grounding(len(DemoRecipe().stage2_rounds) - 1)).as_json()
+    keep["grounding"] = (grounding or DemoRecipe().final_grounding()).as_json()
     (dest / "models.json").write_text(json.dumps(keep, indent=1) + "\n", encoding="utf-8")
     return dest

@@ -229,8 +229,8 @@ def test_a_cases_memory_does_not_count_building_its_model(monkeypatch):
         def __exit__(self, *exc):
             events.append("monitor done")
 
-    def load(suite, spec, backend, tiling):
-        events.append("load")
+    def load(suite, folder, backend, tiling):
+        events.append(f"load {folder}")
         return object(), None
 
     monkeypatch.setattr(runner, "_load_vlm", load)
@@ -239,7 +239,7 @@ def test_a_cases_memory_does_not_count_building_its_model(monkeypatch):
                             guarded=lambda case, fn: {**case, **fn(), "status": "ok"})
     ran = runner._vlm_group(suite, SimpleNamespace(name="m"), BackendSpec(VlmBackend.ONNX, Precision.INT8),
                             Tiling.SINGLE, [], [], None, {}, None)
-    assert ran and events == ["build int8", "monitor", "load", "monitor done"]
+    assert ran and events == ["build int8", "monitor", "load /x", "monitor done"]
 
 
 # ------------------------------------------------------------------------------------------ the quick run
