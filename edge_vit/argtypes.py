@@ -32,6 +32,17 @@ def int_in(lo: int, hi: int):
     return _checked(int, lambda v: lo <= v <= hi, f"in [{lo}, {hi}]")
 
 
+def turn_range(text: str) -> tuple[int, int]:
+    """"3,5": a minimum and maximum number of turns, 1 <= MIN <= MAX."""
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX (two whole numbers), got {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"need 1 <= MIN <= MAX, got {lo},{hi}")
+    return lo, hi
+
+
 def size_thresholds(text: str) -> tuple[float, float]:
     """"0.145,0.25": the two box-size thresholds of the grounding's size words (small below the first...)."""
     from edge_vit.grounding import GroundingConfig

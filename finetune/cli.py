@@ -16,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from edge_vit.argtypes import add_grounding_args, fraction, grounding_from_args, nonneg_int, positive_float, positive_int
+from edge_vit.argtypes import (add_grounding_args, fraction, grounding_from_args, nonneg_int, positive_float, positive_int,
+                               turn_range)
 
 __all__ = ["add_finetune_commands"]
 
@@ -63,6 +64,10 @@ def add_finetune_commands(subparsers) -> None:
     t.add_argument("--teacher", choices=["template", "openai"], default="template",
                    help="template: exact answers from the labels, offline; openai: an OpenAI-compatible endpoint")
     t.add_argument("--prompt-version", default=DEFAULT_PROMPT_VERSION, help="folder under finetune/prompts/")
+    t.add_argument("--turns", type=turn_range, default=(3, 5), metavar="MIN,MAX",
+                   help="template: question turns per conversation (default 3,5)")
+    t.add_argument("--per-kind", type=positive_int, default=2,
+                   help="template: at most this many questions of each kind (count, exists, colour, ...) per scene")
     t.add_argument("--endpoint", default="http://127.0.0.1:8000/v1", help="openai: API base URL")
     t.add_argument("--model", default=None, help="openai: model name the endpoint serves")
     t.add_argument("--timeout", type=positive_float, default=60.0, help="openai: seconds per request")
@@ -246,7 +251,7 @@ def cmd_data(args: argparse.Namespace) -> int:
                                 timeout_s=args.timeout, max_retries=args.retries, backoff_s=args.backoff,
                                 temperature=args.temperature)
     else:
-        teacher = TemplateTeacher(prompts)
+        teacher = TemplateTeacher(prompts, min_turns=args.turns[0], max_turns=args.turns[1], per_kind=args.per_kind)
     manifest = build_instruct_data(Path(args.dataset), Path(args.out), teacher, config)
     counts, skipped = manifest["counts"], manifest["skipped"]
     print(f"wrote {counts['samples']} samples from {counts['images']} images "

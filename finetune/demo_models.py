@@ -16,12 +16,17 @@ The steps, each resumable (a step whose output exists is skipped):
    scenes, the VLM needs to see many more bindings of colour, shape and place.
    With ``size_words_from_round``, the same samples once more with size words
    in the grounding (``instruct-sizes``), for the stage-2 rounds from that one on.
+   ``instruct-dense``: one conversation per scene of ``dense_turns`` questions,
+   up to ``dense_per_kind`` of each kind, for stage 0.
 4. ``base``: the base VLM. An Idefics3 (SmolVLM architecture) of a small
    config with a byte-level BPE tokenizer trained on the instruction text,
    whose language model is then pretrained (all its weights, causal LM loss,
-   text only) on grounding text followed by the scene's description: the
-   stand-in for the pretrained LLM that LLaVA starts from. It never sees a
-   question, so answering is what stages 1 and 2 must add.
+   text only) on ``pretrain_data``: the dense conversations and the
+   descriptions as text-only chats (grounding, question, answer; no image).
+   The stand-in for the instruction-tuned LLM that SmolVLM starts from: it has
+   learned to read an answer off the grounding before it sees an image. (A
+   stage 0 of descriptions alone left a language model that bound an object
+   to its grounding line no better than chance, and stage 2 could not teach it.)
 5. ``stage1``: ``edge-vit finetune train --stage 1`` (the connector only, on
    image + grounding -> description), merged.
 6. ``stage2``: ``edge-vit finetune train --stage 2`` (LoRA on the text model,
@@ -95,15 +100,23 @@ class DemoRecipe:
     intermediate: int = 512
     vision_hidden: int = 64
     vision_layers: int = 2
-    pretrain_steps: int = 3000
+    pretrain_steps: int = 2500
     pretrain_batch: int = 16
     pretrain_lr: float = 2e-3
+    # What stage 0 reads, as text-only chats (pretrain_texts): (data folder, sample kinds). instruct-dense:
+    # one conversation per scene of dense_turns questions, up to dense_per_kind of each kind; a quarter of them
+    # bind an object to its line ("What colour is the square at bottom?"), 2.4 per scene against 1.3 in the
+    # mixed data's conversations.
+    pretrain_data: tuple[tuple[str, tuple[str, ...]], ...] = (("instruct-dense", ("conversation",)),
+                                                              ("instruct", ("detailed",)))
+    dense_turns: tuple[int, int] = (8, 10)
+    dense_per_kind: int = 5
     # stages (edge-vit finetune train)
     stage1_steps: int = 300
     stage1_lr: float = 3e-3
     # Stage 2 rounds (optimizer steps, peak lr): each round is a fresh LoRA on the previous round's merged
-    # model. The second round (lower lr) took the benchmark from 60.7% to 64.9% (count 73.5 -> 80.0).
-    stage2_rounds: tuple[tuple[int, float], ...] = ((4000, 2e-3), (3000, 1e-3))
+    # model. The second round took the benchmark from 65.5% to 70.8% (count 77.0 -> 86.5, exists 83 -> 90).
+    stage2_rounds: tuple[tuple[int, float], ...] = ((2000, 1e-3), (3000, 1e-3))
     # The stage-2 round (0-based) from which the grounding says each object's size (GroundingConfig.size_words
     # with the shapes world's thresholds), in an extra data folder (instruct-sizes); None: never. About a fifth
     # of the benchmark's colour and position questions name the object by its size ("the small square"), which
@@ -114,9 +127,9 @@ class DemoRecipe:
     batch_size: int = 16
     lora_r: int = 64
     lora_alpha: int = 128
-    # Whole modules trained in stage 2 besides the LoRA. lm_head: the answers' first tokens ("Yellow",
-    # "Top-right") never occur in stage 0's descriptions, so their output rows are still random; with a frozen
-    # lm_head the model collapsed to one colour ("Blue." for all 173 colour questions; FIELD-NOTES).
+    # Whole modules trained in stage 2 besides the LoRA. lm_head: with a stage 0 of descriptions only, the
+    # answers' first tokens ("Yellow", "Top-right") never occurred before stage 2 and a frozen lm_head
+    # collapsed to one colour ("Blue." for all 173 colour questions; FIELD-NOTES). Kept with the dense stage 0.
     stage2_modules_to_save: tuple[str, ...] = ("lm_head",)
     samples_per_image: int = 2
     # evaluation
@@ -181,17 +194,23 @@ def build_demo_vlm(out_dir: Path, corpus: list[str], recipe: DemoRecipe) -> Path
     )
 
 
-def pretrain_texts(instruct_json: Path) -> list[str]:
-    """Stage 0 text: the grounding of each described image followed by its description (no questions)."""
+def pretrain_texts(instruct_json: Path, processor: Any, kinds: tuple[str, ...]) -> list[str]:
+    """Stage 0 text: each instruction sample of ``kinds`` as a text-only chat in the processor's chat template.
+
+    The grounding and request, the answer, any further turns; the image left out. The stand-in for an
+    instruction-tuned LLM: it has read questions about such grounding (and descriptions) before it ever
+    sees an image.
+    """
     samples = json.loads(instruct_json.read_text(encoding="utf-8"))
     texts = []
     for s in samples:
-        if s.get("kind") != "detailed":
+        if s.get("kind") not in kinds:
             continue
-        turns = s["conversations"]
-        prompt = turns[0]["value"].replace("<image>", "").strip()
-        grounding = prompt.rsplit("\n", 1)[0] if "\n" in prompt else ""  # drop the request line
-        texts.append((grounding + "\n" if grounding else "") + turns[1]["value"])
+        turns = s["conversations"][: len(s["conversations"]) // 2 * 2]
+        messages = [{"role": "user" if k % 2 == 0 else "assistant",
+                     "content": [{"type": "text", "text": t["value"].replace("<image>", "").strip()}]}
+                    for k, t in enumerate(turns)]
+        texts.append(processor.apply_chat_template(messages))
     return texts
 
 
@@ -203,7 +222,7 @@ def pretrain_text(model_dir: Path, texts: list[str], recipe: DemoRecipe, log_pat
     from finetune.train import lr_factor
 
     if not texts:
-        raise EdgeVitError("stage 0: no description samples to pretrain on")
+        raise EdgeVitError("stage 0: no samples of the recipe's pretrain_data to pretrain on")
     processor = AutoProcessor.from_pretrained(model_dir)
     tok = processor.tokenizer
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
@@ -217,7 +236,7 @@ def pretrain_text(model_dir: Path, texts: list[str], recipe: DemoRecipe, log_pat
     warmup = max(1, recipe.pretrain_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup=warmup, total=recipe.pretrain_steps,
                                                                       min_ratio=0.1))
-    encoded = [tok(tok.bos_token + t + tok.eos_token, add_special_tokens=False)["input_ids"] for t in texts]
+    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]  # the chat template opens with bos
     g = torch.Generator().manual_seed(recipe.seed)
     model.train()
     losses, t0 = [], time.perf_counter()
@@ -404,7 +423,10 @@ def run_demo_models(out: str | Path, recipe: DemoRecipe = DemoRecipe(), steps: t
     if "detector" in steps and not (out / "detector.onnx").is_file():
         timed("detector", lambda: _detector(out, recipe, device))
     teacher = TemplateTeacher(load_prompts())
-    instruct_dirs = ("instruct", "instruct-detailed", *sorted(data_names - {"instruct"}))
+    dense_teacher = TemplateTeacher(load_prompts(), min_turns=recipe.dense_turns[0], max_turns=recipe.dense_turns[1],
+                                    per_kind=recipe.dense_per_kind)
+    instruct_dirs = ("instruct", "instruct-detailed", *sorted(data_names - {"instruct"}),
+                     *[d for d, _ in recipe.pretrain_data if d not in data_names | {"instruct", "instruct-detailed"}])
     if "instruct" in steps and not all((out / d / "instruct.json").is_file() for d in instruct_dirs):
         def instruct():
             vlm_yaml = data_yaml
@@ -422,11 +444,13 @@ def run_demo_models(out: str | Path, recipe: DemoRecipe = DemoRecipe(), steps: t
                                                     kinds=(SampleKind.DETAILED,), grounding=grounding),
                 # The same samples (same seed), the grounding with size words.
                 "instruct-sizes": replace(mixed, grounding=recipe.grounding(recipe.size_words_from_round)),
+                "instruct-dense": InstructConfig(seed=recipe.seed, samples_per_image=1,
+                                                 kinds=(SampleKind.CONVERSATION,), grounding=grounding),
             }
             for name in instruct_dirs:
                 if not (out / name / "instruct.json").is_file():
-                    summary[name.replace("-", "_")] = build_instruct_data(vlm_yaml, out / name, teacher,
-                                                                          jobs[name])["counts"]
+                    summary[name.replace("-", "_")] = build_instruct_data(
+                        vlm_yaml, out / name, dense_teacher if name == "instruct-dense" else teacher, jobs[name])["counts"]
         timed("instruct", instruct)
     base = out / "base"
     if "base" in steps and not (base / "model.safetensors").is_file():
@@ -434,8 +458,12 @@ def run_demo_models(out: str | Path, recipe: DemoRecipe = DemoRecipe(), steps: t
             tmp = out / "base.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             build_demo_vlm(tmp, _corpus(out / "instruct" / "instruct.json"), recipe)
-            summary["pretrain"] = pretrain_text(tmp, pretrain_texts(out / "instruct-detailed" / "instruct.json"),
-                                                recipe, out / "pretrain_loss.jsonl")
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(tmp)
+            texts = [t for folder, kinds in recipe.pretrain_data
+                     for t in pretrain_texts(out / folder / "instruct.json", processor, kinds)]
+            summary["pretrain"] = pretrain_text(tmp, texts, recipe, out / "pretrain_loss.jsonl")
             tmp.rename(base)
         timed("base", build_base)
     if "stage1" in steps and not (out / "stage1" / "config.json").is_file():

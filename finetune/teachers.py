@@ -95,15 +95,19 @@ class TemplateTeacher:
     """Answers computed from the labels: exact, offline, deterministic given the Generator.
 
     A conversation has ``min_turns``..``max_turns`` turns taken from
-    :func:`finetune.instruct.scene_questions`; a reasoning sample is one of
+    :func:`finetune.instruct.scene_questions` (at most ``per_kind`` of each kind:
+    count, exists, colour, position, size); a reasoning sample is one of
     :func:`finetune.instruct.reasoning_questions`; a detailed sample pairs a
     request from the prompt set with :func:`finetune.instruct.describe_scene`.
     """
 
     def __init__(self, prompts: PromptSet, min_turns: int = 3, max_turns: int = 5,
-                 colours: tuple[str, ...] = COLOUR_NAMES) -> None:
+                 colours: tuple[str, ...] = COLOUR_NAMES, per_kind: int = 2) -> None:
         if not 1 <= min_turns <= max_turns:
             raise ValueError(f"TemplateTeacher: need 1 <= min_turns <= max_turns, got {min_turns}, {max_turns}")
+        if per_kind < 1:
+            raise ValueError(f"TemplateTeacher: need per_kind >= 1, got {per_kind}")
+        self.per_kind = per_kind
         self.prompts = prompts
         self.min_turns = min_turns
         self.max_turns = max_turns
@@ -111,7 +115,7 @@ class TemplateTeacher:
 
     def info(self) -> dict:
         return {"name": "template", "version": TEMPLATE_VERSION, "min_turns": self.min_turns,
-                "max_turns": self.max_turns, **self.prompts.info()}
+                "max_turns": self.max_turns, "per_kind": self.per_kind, **self.prompts.info()}
 
     def write(self, scene: Scene, kind: SampleKind, rng: np.random.Generator) -> list[QA]:
         if kind is SampleKind.DETAILED:
@@ -120,7 +124,8 @@ class TemplateTeacher:
         if kind is SampleKind.REASONING:
             triples = reasoning_questions(scene.objects, rng, classes=scene.classes)
             return [QA(q, a, k) for k, q, a in triples[:1]]
-        triples = scene_questions(scene.objects, rng, classes=scene.classes, colours=self.colours)
+        triples = scene_questions(scene.objects, rng, classes=scene.classes, colours=self.colours,
+                                  per_kind=self.per_kind)
         n = int(rng.integers(self.min_turns, self.max_turns + 1))
         return [QA(q, a, k) for k, q, a in triples[:n]]
 

@@ -322,11 +322,11 @@ def test_demo_grounds_with_the_size_words_its_vlm_was_tuned_with(tmp_path, stand
 def test_shipped_demo_answers_the_clip_better_than_an_untuned_model(tmp_path):
     """The shipped demo end to end, scored against the clip's truth.
 
-    Measured 2026-12-01: 42% (11/26 answers), 56% (15/27) and 52% (13/25) in three runs: which frames get
-    answered depends on timing (threads, a busy machine), so the count of answers and the score move from run
-    to run. The benchmark gives the same VLM 64.9% grounded, and the stage-1 model (not tuned on questions)
-    2.3%. The bar, 20%, is far above the untuned model and over two binomial standard deviations under the
-    lowest run; the 90% target of issue 3 is not met yet.
+    Measured 2026-12-01 (the current demo VLM): 61% (17/28 answers), 68% (21/31), 77% (20/26) and 79% (22/28)
+    in four runs: which frames get answered depends on timing (threads, a busy machine), so the count of
+    answers and the score move from run to run. The benchmark gives the same VLM 70.8% grounded. The bar, 30%,
+    is over three binomial standard deviations under the lowest run and far above a VLM never tuned on
+    questions (the previous recipe's stage 1: 2.3% on the benchmark); the 90% target of issue 3 is not met.
     """
     work = tmp_path / "demo"
     t0 = time.perf_counter()
@@ -338,5 +338,5 @@ def test_shipped_demo_answers_the_clip_better_than_an_untuned_model(tmp_path):
     print(f"shipped demo: {seconds:.0f} s\n{format_score(score)}")
     assert score.total >= len(DEMO_QUESTIONS)
     assert all(q.total for q in score.per_question.values()), "every demo question must be asked"
-    assert score.accuracy >= 0.2, format_score(score)
+    assert score.accuracy >= 0.3, format_score(score)
     assert count_video_frames(work / "demo.mp4") == 90

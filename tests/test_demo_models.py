@@ -59,9 +59,20 @@ def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     fp32_answers = (out / "eval" / "onnx-fp32" / "answers.jsonl").read_text().splitlines()
     torch_answers = (out / "eval" / "stage2b" / "answers.jsonl").read_text().splitlines()
     assert [json.loads(a)["prediction"] for a in fp32_answers] == [json.loads(a)["prediction"] for a in torch_answers]
-    # Stage 0 texts never hold a question: answering is left to the stages.
-    texts = pretrain_texts(out / "instruct-detailed" / "instruct.json")
-    assert texts and not any("?" in t for t in texts)
+    # Stage 0 reads the dense conversations and the descriptions as text-only chats in the model's own template.
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(out / "base")
+    dense = json.loads((out / "instruct-dense" / "instruct.json").read_text())
+    texts = pretrain_texts(out / "instruct-dense" / "instruct.json", processor, ("conversation",))
+    assert len(texts) == len(dense) == summary["instruct"]["images"] and {s["kind"] for s in dense} == {"conversation"}
+    assert all(t.startswith("<|im_start|>User: Detected objects") and "<image>" not in t for t in texts)
+    assert [t.count("<end_of_utterance>\nAssistant: ") for t in texts] == [len(s["conversations"]) // 2 for s in dense]
+    assert max(len(s["conversations"]) // 2 for s in dense) >= 6  # denser than the mixed data's 3 to 5 turns
+    mixed = json.loads((out / "instruct" / "instruct.json").read_text())
+    detailed = pretrain_texts(out / "instruct" / "instruct.json", processor, ("detailed",))
+    assert len(detailed) == sum(s["kind"] == "detailed" for s in mixed) > 0
+    assert summary["pretrain"]["texts"] == len(texts) + len(detailed)
     # A second run skips what is there.
     again = run_demo_models(out, recipe, steps=("shapes", "detector", "instruct", "base", "stage1", "stage2"))
     assert again["seconds"] == summary["seconds"]

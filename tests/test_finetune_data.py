@@ -9,6 +9,7 @@ import shutil
 import socket
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -543,6 +544,41 @@ def test_cli_data_end_to_end(shapes_ds, tmp_path, capsys):
     assert m["counts"]["by_kind"]["detailed"] == 0
     assert main(["finetune", "data", "--dataset", str(shapes_ds / "data.yaml"), "--out", str(out),
                  "--kinds", "poems"]) == 2
+
+
+def test_cli_dense_conversations_turns_and_per_kind(shapes_ds, tmp_path, capsys):
+    """--turns and --per-kind: longer conversations, more questions of each kind, answers still exact."""
+    from edge_vit.cli import main
+
+    out = tmp_path / "dense"
+    assert main(["finetune", "data", "--dataset", str(shapes_ds / "data.yaml"), "--out", str(out),
+                 "--samples-per-image", "1", "--kinds", "conversation", "--turns", "8,10", "--per-kind", "5"]) == 0
+    samples = json.loads((out / "instruct.json").read_text())
+    teacher = json.loads((out / "manifest.json").read_text())["teacher"]
+    assert (teacher["min_turns"], teacher["max_turns"], teacher["per_kind"]) == (8, 10, 5)
+    turns = [len(s["conversations"]) // 2 for s in samples]
+    kinds = [k for s in samples for k in s["meta"]["qa_kinds"]]
+    assert max(turns) >= 8 and all(t <= 10 for t in turns)
+    checked = 0
+    for s in samples:
+        objects = _objects_from_sidecar(shapes_ds, s["image"])
+        conv = s["conversations"]
+        questions = [conv[0]["value"].split("\n")[-1]] + [t["value"] for t in conv[2::2]]
+        for kind, q, a in zip(s["meta"]["qa_kinds"], questions, [t["value"] for t in conv[1::2]]):
+            assert answer_key(kind, a) == oracle(q, objects), (s["id"], q, a)
+            checked += 1
+    assert checked == len(kinds) >= 70
+    # Three questions of one kind in one conversation: the default (2 per kind) never allows it.
+    assert any(max(Counter(s["meta"]["qa_kinds"]).values()) >= 3 for s in samples)
+    default = TemplateTeacher(load_prompts(), min_turns=8, max_turns=10)
+    assert default.per_kind == 2
+    for bad in (["--turns", "5,3"], ["--turns", "0,2"], ["--turns", "x"], ["--per-kind", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(["finetune", "data", "--dataset", str(shapes_ds / "data.yaml"), "--out", str(tmp_path / "o"), *bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"edge-vit finetune data: error: argument {bad[0]}: "), err[-1]
+    assert not (tmp_path / "o").exists()
 
 
 def test_size_words_in_the_grounding_are_the_datasets_sizes(shapes_ds, tmp_path):
