@@ -635,8 +635,6 @@ def test_colour_shape_labels_ground_with_colours_and_ask_about_shapes(tmp_path, 
                           dict(enumerate(names)), (h, w))
         assert first == "<image>\n" + ground(dets, question, GroundingConfig()).text
         objects = _objects_from_sidecar(ds, s["image"])
-        from collections import Counter
-
         header = first.split("\n")[1]
         for name, n in Counter(f"{o.colour} {o.name}" for o in objects).items():
             assert f"{n} {name}" in header  # the grounding carries the colour
