@@ -121,8 +121,8 @@ class DemoRecipe:
     # with the shapes world's thresholds), in an extra data folder (instruct-sizes); None: never. About a fifth
     # of the benchmark's colour and position questions name the object by its size ("the small square"), which
     # the plain grounding cannot answer. The shipped VLM never saw size words (None): a 600-step pilot round on
-    # it (dense 10-turn conversations with size words, lr 1e-3) scored 66.5% against its 64.9%, within noise;
-    # its answers bind the wrong grounding line far more often than they miss a size.
+    # the previous demo VLM (dense 10-turn conversations with size words, lr 1e-3) scored 66.5% against its
+    # 64.9%, within noise; its answers bind the wrong grounding line far more often than they miss a size.
     size_words_from_round: int | None = None
     batch_size: int = 16
     lora_r: int = 64
