@@ -201,15 +201,15 @@ def pretrain_texts(instruct_json: Path, processor: Any, kinds: tuple[str, ...]) 
     instruction-tuned LLM: it has read questions about such grounding (and descriptions) before it ever
     sees an image.
     """
+    from finetune.collate import to_messages
+
     samples = json.loads(instruct_json.read_text(encoding="utf-8"))
     texts = []
     for s in samples:
         if s.get("kind") not in kinds:
             continue
-        turns = s["conversations"][: len(s["conversations"]) // 2 * 2]
-        messages = [{"role": "user" if k % 2 == 0 else "assistant",
-                     "content": [{"type": "text", "text": t["value"].replace("<image>", "").strip()}]}
-                    for k, t in enumerate(turns)]
+        messages = to_messages(s["conversations"])  # the trainer's own conversion, image placeholder removed
+        messages[0]["content"] = [c for c in messages[0]["content"] if c["type"] != "image"]
         texts.append(processor.apply_chat_template(messages))
     return texts
 
@@ -422,11 +422,8 @@ def run_demo_models(out: str | Path, recipe: DemoRecipe = DemoRecipe(), steps: t
             labels="colour-shape")))
     if "detector" in steps and not (out / "detector.onnx").is_file():
         timed("detector", lambda: _detector(out, recipe, device))
-    teacher = TemplateTeacher(load_prompts())
-    dense_teacher = TemplateTeacher(load_prompts(), min_turns=recipe.dense_turns[0], max_turns=recipe.dense_turns[1],
-                                    per_kind=recipe.dense_per_kind)
-    instruct_dirs = ("instruct", "instruct-detailed", *sorted(data_names - {"instruct"}),
-                     *[d for d, _ in recipe.pretrain_data if d not in data_names | {"instruct", "instruct-detailed"}])
+    instruct_dirs = tuple(dict.fromkeys(["instruct", "instruct-detailed", *sorted(data_names),
+                                         *(d for d, _ in recipe.pretrain_data)]))
     if "instruct" in steps and not all((out / d / "instruct.json").is_file() for d in instruct_dirs):
         def instruct():
             vlm_yaml = data_yaml
@@ -437,20 +434,22 @@ def run_demo_models(out: str | Path, recipe: DemoRecipe = DemoRecipe(), steps: t
                     generate_shapes(vlm_yaml.parent, ShapesConfig(
                         images=recipe.vlm_images, imgsz=recipe.imgsz, seed=recipe.shapes_seed + 1000,
                         val_fraction=0.01, test_fraction=0.0, labels="colour-shape"))
+            teacher = TemplateTeacher(load_prompts())
+            dense = TemplateTeacher(load_prompts(), min_turns=recipe.dense_turns[0], max_turns=recipe.dense_turns[1],
+                                    per_kind=recipe.dense_per_kind)
             mixed = InstructConfig(seed=recipe.seed, samples_per_image=recipe.samples_per_image, grounding=grounding)
-            jobs = {
-                "instruct": mixed,
-                "instruct-detailed": InstructConfig(seed=recipe.seed, samples_per_image=1,
-                                                    kinds=(SampleKind.DETAILED,), grounding=grounding),
+            jobs = {  # folder: (teacher, config)
+                "instruct": (teacher, mixed),
+                "instruct-detailed": (teacher, InstructConfig(seed=recipe.seed, samples_per_image=1,
+                                                              kinds=(SampleKind.DETAILED,), grounding=grounding)),
                 # The same samples (same seed), the grounding with size words.
-                "instruct-sizes": replace(mixed, grounding=recipe.grounding(recipe.size_words_from_round)),
-                "instruct-dense": InstructConfig(seed=recipe.seed, samples_per_image=1,
-                                                 kinds=(SampleKind.CONVERSATION,), grounding=grounding),
+                "instruct-sizes": (teacher, replace(mixed, grounding=recipe.grounding(recipe.size_words_from_round))),
+                "instruct-dense": (dense, InstructConfig(seed=recipe.seed, samples_per_image=1,
+                                                         kinds=(SampleKind.CONVERSATION,), grounding=grounding)),
             }
             for name in instruct_dirs:
                 if not (out / name / "instruct.json").is_file():
-                    summary[name.replace("-", "_")] = build_instruct_data(
-                        vlm_yaml, out / name, dense_teacher if name == "instruct-dense" else teacher, jobs[name])["counts"]
+                    summary[name.replace("-", "_")] = build_instruct_data(vlm_yaml, out / name, *jobs[name])["counts"]
         timed("instruct", instruct)
     base = out / "base"
     if "base" in steps and not (base / "model.safetensors").is_file():
