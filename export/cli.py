@@ -68,6 +68,9 @@ def _add_optimize_arguments(p: argparse.ArgumentParser, *, optimize_default: boo
     g.add_argument("--quantize-vision", action=argparse.BooleanOptionalAction, default=OptimizeOptions.quantize_vision,
                    help="with --quantize: int8 vision encoder too, kept only if its features stay within "
                         f"cosine {OptimizeOptions.min_vision_cosine} of fp32")
+    g.add_argument("--prefill-graph", action=argparse.BooleanOptionalAction, default=OptimizeOptions.prefill_graph,
+                   help="with --quantize: also write decoder_prefill.onnx (int8 per-column GEMMs) that the ONNX "
+                        "backend runs the prompt through on CPU: faster time to first token, more memory")
     g.add_argument("--block-size", type=int, default=None,
                    help="MatMulNBits quantization block along K (16-256; default: 128 for int8, 32 for int4)")
     g.add_argument("--validate-variant", action=argparse.BooleanOptionalAction, default=OptimizeOptions.validate,
@@ -85,7 +88,7 @@ def _optimize_options(args: argparse.Namespace):
     if not args.optimize and quantize is None:
         return None
     return OptimizeOptions(fuse=args.optimize, quantize=quantize, quantize_vision=args.quantize_vision,
-                           block_size=args.block_size, validate=args.validate_variant,
+                           prefill_graph=args.prefill_graph, block_size=args.block_size, validate=args.validate_variant,
                            validation_prompts=args.validation_prompts)
 
 

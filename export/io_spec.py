@@ -15,6 +15,9 @@ VISION_ENCODER = "vision_encoder.onnx"
 EMBED_TOKENS = "embed_tokens.onnx"
 DECODER = "decoder_model_merged.onnx"
 GRAPH_FILES = (VISION_ENCODER, EMBED_TOKENS, DECODER)
+# Optional (export.optimize's quantized variants): the same decoder, inputs and outputs as DECODER, with
+# int8 GEMMs suited to many rows; the ONNX backend runs the prompt (prefill) through it when present.
+DECODER_PREFILL = "decoder_prefill.onnx"
 MANIFEST = "edge_vit_export.json"  # what was exported, from which model, with which options
 
 # vision_encoder.onnx: full tiles only (the processor's pixel_attention_mask is all ones for them).

@@ -52,6 +52,7 @@ UNSUPPORTED_QUANT_OPS = frozenset(
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 SUPPORT_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")  # processor, tokenizer, configs
 INT64_MAX = 2**63 - 1
+LAST_TOKEN_SLICE = "/edge_vit/last_token_slice"  # the node last_token_logits inserts
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,8 @@ def last_token_logits(model):
     """Make ``logits`` [B, S, V] into [B, 1, V] (the last position) by slicing the hidden states before lm_head.
 
     Falls back to slicing the logits when the producer is not a MatMul. Works on a model loaded
-    without external data (initializers are not touched). Returns the same ModelProto, changed.
+    without external data (initializers are not touched). Returns the same ModelProto, changed; a
+    graph already sliced is returned as it is. Used for TensorRT engines and by ``export.optimize``.
     """
     import numpy as np
     from onnx import helper, numpy_helper
@@ -176,12 +178,14 @@ def last_token_logits(model):
     producers = {out: i for i, node in enumerate(graph.node) for out in node.output}
     if "logits" not in producers:
         raise ValueError("the decoder graph has no 'logits' output")
+    if any(node.name == LAST_TOKEN_SLICE for node in graph.node):
+        return model
     index = producers["logits"]
     node = graph.node[index]
     consts = {
-        "trt_last_starts": np.array([-1], dtype=np.int64),
-        "trt_last_ends": np.array([INT64_MAX], dtype=np.int64),
-        "trt_last_axes": np.array([1], dtype=np.int64),
+        "last_token_starts": np.array([-1], dtype=np.int64),
+        "last_token_ends": np.array([INT64_MAX], dtype=np.int64),
+        "last_token_axes": np.array([1], dtype=np.int64),
     }
     for name, value in consts.items():
         graph.initializer.append(numpy_helper.from_array(value, name))
@@ -189,12 +193,12 @@ def last_token_logits(model):
     if node.op_type == "MatMul" and node.input[0] not in initializers:
         hidden = node.input[0]  # [B, S, D]
         sliced = f"{hidden}_last_token"
-        graph.node.insert(index, helper.make_node("Slice", [hidden, *consts], [sliced], name="/trt/last_token_slice"))
+        graph.node.insert(index, helper.make_node("Slice", [hidden, *consts], [sliced], name=LAST_TOKEN_SLICE))
         node.input[0] = sliced
     else:
         node.output[list(node.output).index("logits")] = "logits_all_positions"
         graph.node.insert(index + 1, helper.make_node("Slice", ["logits_all_positions", *consts], ["logits"],
-                                                      name="/trt/last_token_slice"))
+                                                      name=LAST_TOKEN_SLICE))
     for output in graph.output:
         if output.name == "logits":
             dim = output.type.tensor_type.shape.dim[1]

@@ -15,6 +15,7 @@ from edge_vit.vlm import Backend, GenerationConfig, load_vlm
 from export import io_spec
 from export.onnx_export import export_vlm_onnx
 from export.optimize import OptimizeOptions, Quantization, op_counts, optimize_onnx_folder
+from export.trt import LAST_TOKEN_SLICE
 
 KINDS = ["idefics3", "llava"]
 VARIANTS = {  # name -> options (two validation prompts x 32 tokens keep the tiny runs short)
@@ -83,11 +84,14 @@ def test_fusion_puts_fused_kernels_where_the_patterns_were(kind, exported, varia
     decoder_ops = op_counts(_graph(result.out_dir, io_spec.DECODER))
     assert manifest["optimization"]["op_counts"][io_spec.DECODER]["after"] == decoder_ops
     assert manifest["optimization"]["fusions"]["GroupQueryAttention"] == TINY_LAYERS
+    assert manifest["logits"] == "last"  # lm_head over the last position only
+    assert LAST_TOKEN_SLICE in [n.name for n in _graph(result.out_dir, io_spec.DECODER).graph.node]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fused_fp32_graphs_match_the_unoptimized_ones(kind, exported, variants):
-    """Prefill logits (every position), the KV cache and a cached decode step: max abs diff <= 1e-4."""
+    """Prefill logits (the last position: the fused graph returns only it), the KV cache and a cached
+    decode step: max abs diff <= 1e-4."""
     source, fused = exported[kind], variants[(kind, "fused")].out_dir
     rng = np.random.default_rng(0)
     ref_dec, opt_dec = _session(source, io_spec.DECODER), _session(fused, io_spec.DECODER)
@@ -101,7 +105,8 @@ def test_fused_fp32_graphs_match_the_unoptimized_ones(kind, exported, variants):
                  "attention_mask": np.ones((1, length + seq), np.int64),
                  "position_ids": np.arange(length, length + seq, dtype=np.int64)[None]}
         ref, opt = ref_dec.run(None, {**feeds, **past}), opt_dec.run(None, {**feeds, **past})
-        assert ref[0].shape == opt[0].shape and float(np.abs(ref[0] - opt[0]).max()) <= 1e-4
+        assert ref[0].shape == (1, seq, ref[0].shape[2]) and opt[0].shape == (1, 1, ref[0].shape[2])
+        assert float(np.abs(ref[0][:, -1:] - opt[0]).max()) <= 1e-4
         for r, o in zip(ref[1:], opt[1:]):
             assert r.shape == o.shape == (1, kv_heads, length + seq, head_dim)
             assert float(np.abs(r - o).max()) <= 1e-4
@@ -131,6 +136,13 @@ def test_quantized_variants_load_unchanged_and_generate(kind, name, exported, va
         assert [(o.name, o.type) for o in var.get_outputs()] == [(o.name, o.type) for o in ref.get_outputs()]
     after = result.op_counts[io_spec.DECODER]["after"]
     assert after["MatMulNBits"] > 0 and "MatMul" not in after  # lm_head included
+    # the prefill graph: the same decoder and IO, every weight GEMM an int8 DynamicQuantizeMatMul
+    ref, pre = _session(exported[kind], io_spec.DECODER), _session(folder, io_spec.DECODER_PREFILL)
+    assert [(i.name, i.type) for i in pre.get_inputs()] == [(i.name, i.type) for i in ref.get_inputs()]
+    assert [o.name for o in pre.get_outputs()] == [o.name for o in ref.get_outputs()]
+    prefill_ops = result.op_counts[io_spec.DECODER_PREFILL]["after"]
+    assert prefill_ops["DynamicQuantizeMatMul"] == after["MatMulNBits"] and "MatMul" not in prefill_ops
+    assert prefill_ops["GroupQueryAttention"] == after["GroupQueryAttention"]
     assert result.graph_bytes[io_spec.DECODER] < 0.6 * json.loads(
         (exported[kind] / io_spec.MANIFEST).read_text())["graph_bytes"][io_spec.DECODER]
     vlm = load_vlm(str(folder), Backend.ONNX, threads=2)
@@ -151,6 +163,36 @@ def test_quantized_variants_load_unchanged_and_generate(kind, name, exported, va
     assert v["vision"]["cosine_min"] > 0.99
 
 
+def test_int8_column_quantization_keeps_outlier_columns_accurate():
+    """Per-column scales: a column 50x larger than the rest does not wash out the others."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.optimize import quantize_matmul_int8_columns
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 48)).astype(np.float32) * 0.02
+    weight[:, 7] *= 50
+    weight[:, 9] = 0.0  # an all-zero column stays exactly zero
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 48])], [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert quantize_matmul_int8_columns(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["DynamicQuantizeMatMul"]
+    assert "w" not in {t.name for t in model.graph.initializer}  # the fp32 weight is gone
+    onnx.checker.check_model(model)
+    x = rng.standard_normal((1, 30, 64)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = x @ weight
+    others = [c for c in range(48) if c not in (7, 9)]
+    err = np.abs(got - want)[..., others].mean() / np.abs(want[..., others]).mean()
+    assert err < 0.03, err  # one scale for the whole tensor: ~0.3 here
+    assert not np.any(got[..., 9])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_manifest_keeps_the_export_keys(kind, exported, variants):
     source = json.loads((exported[kind] / io_spec.MANIFEST).read_text())
@@ -160,7 +202,9 @@ def test_manifest_keeps_the_export_keys(kind, exported, variants):
         assert set(source) <= set(manifest)
         for key in set(source) - {"graph_bytes"}:
             assert manifest[key] == source[key], key
-        assert manifest["graph_bytes"] == {g: (folder / g).stat().st_size for g in io_spec.GRAPH_FILES}
+        graphs = [*io_spec.GRAPH_FILES, *([io_spec.DECODER_PREFILL] if name != "fused" else [])]
+        assert (folder / io_spec.DECODER_PREFILL).is_file() == (name != "fused")
+        assert manifest["graph_bytes"] == {g: (folder / g).stat().st_size for g in graphs}
         assert not [p.name for p in folder.iterdir() if p.name.startswith((".", "edge-vit-opt-"))]
 
 
@@ -185,16 +229,19 @@ def test_cli_export_optimize_as_a_user_runs_it(exported, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "GroupQueryAttention 0->2" in result.stdout and "MatMulNBits 0->9" in result.stdout
     assert "top-1 agreement" in result.stdout and "--backend onnx" in result.stdout
+    assert f"{io_spec.DECODER_PREFILL}" in result.stdout and "DynamicQuantizeMatMul 0->9" in result.stdout
     assert json.loads((out / io_spec.MANIFEST).read_text())["optimization"]["variant"] == "int8-fused"
+    assert (out / io_spec.DECODER_PREFILL).is_file()
 
 
 def test_cli_export_onnx_optimize_quantize(tiny_idefics3, tmp_path):
     out = tmp_path / "exported-int8"
     result = run_cli("export", "onnx", "--vlm", str(tiny_idefics3), "--out", str(out), "--optimize",
-                     "--quantize", "int8", "--validation-prompts", "1")
+                     "--quantize", "int8", "--validation-prompts", "1", "--no-prefill-graph")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / io_spec.MANIFEST).read_text())
     assert manifest["optimization"]["precision"][io_spec.DECODER] == "int8"
+    assert not (out / io_spec.DECODER_PREFILL).exists() and io_spec.DECODER_PREFILL not in manifest["graph_bytes"]
     assert "fp32 export, not kept" in manifest["optimization"]["source_onnx_dir"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported-int8"]  # the temporary fp32 export is gone
     assert "validated against PyTorch" in result.stdout and "SkipSimplifiedLayerNormalization" in result.stdout

@@ -121,6 +121,18 @@ def test_session_options_threads_and_optimization(folders):
         options = session.get_session_options()
         assert options.intra_op_num_threads == 1
         assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # two threads: the embedding lookup keeps one; only the decoder (once per token) spins between runs
+    vlm = OnnxVLM.load(folders["llava"][1], ort_config=OrtConfig(threads=2))
+    assert vlm.embed.get_session_options().intra_op_num_threads == 1
+    assert vlm.vision.get_session_options().intra_op_num_threads == 2
+
+    def stops_spinning(session) -> bool:
+        try:
+            return session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+        except Exception:  # not set
+            return False
+
+    assert stops_spinning(vlm.vision) and stops_spinning(vlm.embed) and not stops_spinning(vlm.decoder.session)
 
 
 def test_folder_without_graphs_says_to_export_first(tiny_idefics3, tmp_path):
@@ -256,6 +268,44 @@ def test_shared_kv_buffer_is_written_in_place_with_the_same_logits(optimized):
         assert kv.shape[2] == 16
         np.testing.assert_allclose(kv[:, :, :12], p_cache.past[name], atol=1e-5)
         assert not np.any(kv[:, :, 12:])  # not yet written
+
+
+def test_prefill_graph_runs_the_prompt_and_fills_the_same_kv_buffers(optimized):
+    """The int8 variant's prompt goes through decoder_prefill.onnx on every decoder path; the decode steps
+    after it read the cache it wrote."""
+    folder = optimized["int8"]
+    vlm = OnnxVLM.load(folder, ort_config=OrtConfig(threads=1))
+    prefill = vlm.decoder.prefill
+    assert prefill is not None
+    assert OnnxVLM.load(folder, ort_config=OrtConfig(threads=1, prefill_graph=False)).decoder.prefill is None
+    hidden = vlm.manifest["decoder"]["hidden_size"]
+    embeds = np.random.default_rng(0).standard_normal((1, 10, hidden), dtype=np.float32)
+    ones = np.ones((1, 10), np.int64)
+    # the prefill graph alone: its last-position logits and the cache it returns
+    dec = OnnxVLM.load(folder, ort_config=OrtConfig(threads=1)).decoder
+    empty = np.zeros((1, dec.kv_heads, 0, dec.head_dim), np.float32)
+    feeds = {"inputs_embeds": embeds[:, :9], "attention_mask": ones[:, :9],
+             "position_ids": np.arange(9, dtype=np.int64)[None], **{n: empty for n in dec.past_names}}
+    want = prefill.run(None, feeds)
+    assert want[0].shape[:2] == (1, 1)  # last-token logits
+    for config in (OrtConfig(threads=1), OrtConfig(threads=1, share_kv_buffer=False),
+                   OrtConfig(threads=1, share_kv_buffer=False, io_binding=True)):
+        decoder = OnnxVLM.load(folder, ort_config=config).decoder
+        cache = decoder.new_cache(10)
+        np.testing.assert_allclose(decoder.run(cache, embeds[:, :9], ones[:, :9]), want[0][0, -1], atol=1e-6)
+        for name, kv in zip(decoder.past_names, want[1:]):
+            value = cache.past[name]
+            got = value if isinstance(value, np.ndarray) else value.numpy()
+            np.testing.assert_allclose(got[:, :, :9], kv, atol=1e-6)
+        step = decoder.run(cache, embeds[:, 9:], ones)  # a decode step on the decode graph, from that cache
+        assert step.shape == want[0][0, -1].shape and np.isfinite(step).all()
+        if config.share_kv_buffer is None:
+            shared_step = step
+        else:
+            np.testing.assert_allclose(step, shared_step, atol=1e-5)
+    with pytest.raises(EdgeVitError, match="no decoder_prefill.onnx") as info:
+        OnnxVLM.load(optimized["fused"], ort_config=OrtConfig(prefill_graph=True))
+    assert "\n" not in str(info.value)
 
 
 def test_shared_kv_buffer_runs_to_the_end_of_the_context_and_errors_past_it(optimized, frame):

@@ -24,6 +24,12 @@ load), each layer's cache is one preallocated max-length buffer bound as both
 in place instead of returning a new, longer ``present`` every step (+10-16 %
 decode tok/s on the int8 SmolVLM-256M decoder; benchmarks/README.md). Plain
 exports (standard attention, growing KV ``Concat``) keep the paths above.
+
+Prefill graph: the quantized variants also hold ``decoder_prefill.onnx``, the same
+decoder with int8 ``DynamicQuantizeMatMul`` GEMMs, faster than the decode graph's
+``MatMulNBits`` over a prompt's many rows and no faster for one. On CPU the prompt
+goes through it and every new token through the decoder; both write the same KV
+buffers (each session has its own binding of them).
 """
 
 from __future__ import annotations
@@ -81,6 +87,10 @@ class OrtConfig:
     # None = on where the decoder's attention is GroupQueryAttention (optimized exports), off otherwise;
     # True = require it (a plain export is an error); False = the growing-cache paths above.
     share_kv_buffer: bool | None = None
+    # decoder_prefill.onnx (export.optimize's int8 variants): None = use it on CPU when the folder has it
+    # (its DynamicQuantizeMatMul kernels are CPU ones); True = require it; False = prompts go through the
+    # decoder graph too.
+    prefill_graph: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "provider", ExecutionProvider(self.provider))
@@ -137,13 +147,21 @@ def check_onnx_folder(folder: str | Path) -> Path:
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
-def _session(path: Path, config: OrtConfig, providers: list) -> ort.InferenceSession:
+def _session(path: Path, config: OrtConfig, providers: list, *, spin_between_runs: bool = False,
+             threads: int | None = None) -> ort.InferenceSession:
+    """One graph's session. Each session has its own intra-op thread pool, whose threads by default keep
+    spinning for a while after ``Run`` returns: on two cores the vision encoder's spinning threads took
+    CPU from the prefill that follows (SmolVLM-256M int8 prefill 235 -> 145 ms without it), the prefill
+    graph's from the first decode step. Only the decoder, called once per token, keeps spinning."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.inter_op_num_threads = 1
-    if config.threads is not None:
-        options.intra_op_num_threads = config.threads
+    threads = threads or config.threads
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    if not spin_between_runs:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3  # errors only; ORT warns about every node it leaves on CPU
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
@@ -157,6 +175,7 @@ class _Cache:
     logits: np.ndarray | None = None  # IO binding: preallocated [1, 1, V] host buffer for decode steps
     capacity: int | None = None  # shared KV buffer: positions the buffers hold (None: the cache grows)
     binding: Any = None  # shared KV buffer: the generation's IO binding, caches bound once
+    prefill_binding: Any = None  # shared KV buffer: the same caches bound to the prefill session
 
 
 class _Decoder:
@@ -166,8 +185,9 @@ class _Decoder:
     from several threads.
     """
 
-    def __init__(self, session: ort.InferenceSession) -> None:
+    def __init__(self, session: ort.InferenceSession, prefill: ort.InferenceSession | None = None) -> None:
         self.session = session
+        self.prefill = prefill  # decoder_prefill.onnx: same IO, runs the prompt (sequence > 1) when given
         inputs = {i.name: i for i in session.get_inputs()}
         self.num_layers = sum(1 for name in inputs if name.startswith("past_key_values.")) // 2
         self.past_names = io_spec.past_names(self.num_layers)
@@ -177,6 +197,14 @@ class _Decoder:
         self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
         self.cache_dtype = _NP_TYPES[first.type]
         self.embed_dtype = _NP_TYPES[inputs["inputs_embeds"].type]
+        # export.optimize's graphs return the last position's logits only ([B, 1, V]); the export's, every one
+        self.last_only = session.get_outputs()[0].shape[1] == 1
+        if prefill is not None and [(i.name, i.type) for i in prefill.get_inputs()] != \
+                [(i.name, i.type) for i in session.get_inputs()]:
+            raise ModelLoadError(f"{io_spec.DECODER_PREFILL} does not take the inputs of {io_spec.DECODER}")
+
+    def session_for(self, seq: int) -> ort.InferenceSession:
+        return self.prefill if seq > 1 and self.prefill is not None else self.session
 
     def _empty_past(self) -> np.ndarray:
         return np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.cache_dtype)  # [B, H_kv, 0, Dh]
@@ -201,7 +229,7 @@ class _PlainDecoder(_Decoder):
     def run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         feeds = self._feeds(cache, embeds, attention_mask)
         feeds.update(cache.past)
-        outputs = self.session.run(self.output_names, feeds)
+        outputs = self.session_for(embeds.shape[1]).run(self.output_names, feeds)
         cache.past = dict(zip(self.past_names, outputs[1:]))
         cache.length += embeds.shape[1]
         return outputs[0][0, -1]  # [V]
@@ -210,8 +238,9 @@ class _PlainDecoder(_Decoder):
 class _BoundDecoder(_Decoder):
     """IO binding: the cache stays where the provider computed it; decode logits go to a preallocated buffer."""
 
-    def __init__(self, session: ort.InferenceSession, device: str, device_id: int) -> None:
-        super().__init__(session)
+    def __init__(self, session: ort.InferenceSession, device: str, device_id: int,
+                 prefill: ort.InferenceSession | None = None) -> None:
+        super().__init__(session, prefill)
         self.device, self.device_id = device, device_id
         vocab = session.get_outputs()[0].shape[2]
         self.vocab = int(vocab) if isinstance(vocab, int) else None
@@ -222,19 +251,20 @@ class _BoundDecoder(_Decoder):
         return _Cache({name: empty for name in self.past_names}, logits=logits)
 
     def run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        binding = self.session.io_binding()
+        session = self.session_for(embeds.shape[1])
+        binding = session.io_binding()
         for name, value in self._feeds(cache, embeds, attention_mask).items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name, value in cache.past.items():
             binding.bind_ortvalue_input(name, value)
-        buffer = cache.logits if embeds.shape[1] == 1 else None
+        buffer = cache.logits if embeds.shape[1] == 1 or self.last_only else None
         if buffer is not None:
             binding.bind_output("logits", "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
         else:
             binding.bind_output("logits", "cpu")
         for name in self.present_names:
             binding.bind_output(name, self.device, self.device_id)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         cache.past = dict(zip(self.past_names, outputs[1:]))
         cache.length += embeds.shape[1]
@@ -253,8 +283,9 @@ class _SharedKVDecoder(_Decoder):
     into a given buffer), on CPU too.
     """
 
-    def __init__(self, session: ort.InferenceSession, device: str, device_id: int, max_positions: int) -> None:
-        super().__init__(session)
+    def __init__(self, session: ort.InferenceSession, device: str, device_id: int, max_positions: int,
+                 prefill: ort.InferenceSession | None = None) -> None:
+        super().__init__(session, prefill)
         self.device, self.device_id = device, device_id
         self.max_positions = int(max_positions)
         vocab = session.get_outputs()[0].shape[2]
@@ -270,13 +301,19 @@ class _SharedKVDecoder(_Decoder):
         # zeroed (not just allocated) so positions past the valid length never hold stale values
         past = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.cache_dtype), self.device,
                                                        self.device_id) for name in self.past_names}
-        binding = self.session.io_binding()
-        binding.bind_output("logits", "cpu")  # bound first: output 0 of get_outputs() (rebinding keeps the slot)
-        for past_name, present_name in zip(self.past_names, self.present_names):
-            binding.bind_ortvalue_input(past_name, past[past_name])
-            binding.bind_ortvalue_output(present_name, past[past_name])  # the same buffer: updated in place
+        bindings = []
+        for session in (self.session, self.prefill):
+            if session is None:
+                continue
+            binding = session.io_binding()
+            binding.bind_output("logits", "cpu")  # bound first: output 0 of get_outputs() (rebinding keeps the slot)
+            for past_name, present_name in zip(self.past_names, self.present_names):
+                binding.bind_ortvalue_input(past_name, past[past_name])
+                binding.bind_ortvalue_output(present_name, past[past_name])  # the same buffer: updated in place
+            bindings.append(binding)
         logits = np.empty((1, 1, self.vocab), dtype=np.float32) if self.vocab else None
-        return _Cache(past, logits=logits, capacity=capacity, binding=binding)
+        return _Cache(past, logits=logits, capacity=capacity, binding=bindings[0],
+                      prefill_binding=bindings[1] if len(bindings) > 1 else None)
 
     def run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         seq = embeds.shape[1]
@@ -287,17 +324,19 @@ class _SharedKVDecoder(_Decoder):
         if attention_mask.shape[1] != cache.length + seq:
             raise RuntimeError(f"attention_mask covers {attention_mask.shape[1]} positions, expected "
                                f"{cache.length + seq} (GQA reads the valid cache length from it)")
-        binding = cache.binding
+        session, binding = self.session, cache.binding
+        if seq > 1 and cache.prefill_binding is not None:
+            session, binding = self.prefill, cache.prefill_binding
         for name, value in self._feeds(cache, embeds, attention_mask).items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         buffer = cache.logits
-        if buffer is not None and seq > 1:  # prefill: a buffer of its own, [1, S, V]
+        if buffer is not None and seq > 1 and not self.last_only:  # prefill: a buffer of its own, [1, S, V]
             buffer = np.empty((1, seq, self.vocab), dtype=np.float32)
         if buffer is not None:
             binding.bind_output("logits", "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
         else:
             binding.bind_output("logits", "cpu")
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         cache.length += seq
         logits = buffer if buffer is not None else binding.get_outputs()[0].numpy()
         return logits[0, -1].copy()  # [V]
@@ -358,8 +397,15 @@ class OnnxVLM:
             generation_config = None
         manifest = json.loads((path / io_spec.MANIFEST).read_text(encoding="utf-8"))
         vision = _session(path / io_spec.VISION_ENCODER, ort_config, providers)
-        embed = _session(path / io_spec.EMBED_TOKENS, ort_config, providers)
-        decoder_session = _session(path / io_spec.DECODER, ort_config, providers)
+        embed = _session(path / io_spec.EMBED_TOKENS, ort_config, providers, threads=1)  # a table lookup: no pool
+        decoder_session = _session(path / io_spec.DECODER, ort_config, providers, spin_between_runs=True)
+        has_prefill = (path / io_spec.DECODER_PREFILL).is_file()
+        if ort_config.prefill_graph and not has_prefill:
+            raise EdgeVitError(f"'{folder}' has no {io_spec.DECODER_PREFILL}: write it with "
+                               f"`edge-vit export optimize --quantize int8|int4`")
+        use_prefill = has_prefill and (ort_config.prefill_graph if ort_config.prefill_graph is not None
+                                       else ort_config.provider is ExecutionProvider.CPU)
+        prefill = _session(path / io_spec.DECODER_PREFILL, ort_config, providers) if use_prefill else None
         device = "cpu" if ort_config.provider is ExecutionProvider.CPU else "cuda"
         gqa = uses_group_query_attention(manifest)
         if ort_config.share_kv_buffer and not gqa:
@@ -368,11 +414,12 @@ class OnnxVLM:
         if gqa and ort_config.share_kv_buffer is not False:
             max_positions = int(manifest.get("decoder", {}).get("max_positions") or
                                 getattr(model_config.get_text_config(), "max_position_embeddings", 2048))
-            decoder: _Decoder = _SharedKVDecoder(decoder_session, device, ort_config.device_id, max_positions)
+            decoder: _Decoder = _SharedKVDecoder(decoder_session, device, ort_config.device_id, max_positions,
+                                                 prefill)
         elif ort_config.uses_io_binding:
-            decoder = _BoundDecoder(decoder_session, device, ort_config.device_id)
+            decoder = _BoundDecoder(decoder_session, device, ort_config.device_id, prefill)
         else:
-            decoder = _PlainDecoder(decoder_session)
+            decoder = _PlainDecoder(decoder_session, prefill)
         return cls(str(folder), vision, embed, decoder, processor, model_config, tiling=tiling,
                    generation_config=generation_config, manifest=manifest)
 
