@@ -333,18 +333,19 @@ def final_vlm(out: Path, recipe: DemoRecipe) -> Path:
 
 
 def _export_variants(out: Path, recipe: DemoRecipe, device: str) -> dict:
+    from export import io_spec
     from export.onnx_export import export_vlm_onnx
     from export.optimize import OptimizeOptions, optimize_onnx_folder
 
     onnx_dir = out / "onnx"
     fp32 = onnx_dir / "fp32"
-    if not (fp32 / "manifest.json").is_file():
+    if not (fp32 / io_spec.MANIFEST).is_file():  # written last: a finished export
         shutil.rmtree(fp32, ignore_errors=True)
         export_vlm_onnx(str(final_vlm(out, recipe)), fp32)
     reports = {}
     for variant in VARIANTS:
         folder = onnx_dir / variant
-        if variant != "fp32" and not (folder / "manifest.json").is_file():
+        if variant != "fp32" and not (folder / io_spec.MANIFEST).is_file():
             shutil.rmtree(folder, ignore_errors=True)
             optimize_onnx_folder(fp32, folder, OptimizeOptions(quantize=variant))
         reports[variant] = _evaluate(out, folder, recipe, device, backend="onnx", name=f"onnx-{variant}")
