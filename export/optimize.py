@@ -621,6 +621,38 @@ def _quiet_logging():
         root.setLevel(level)
 
 
+def _replace_weight_matmuls(model, replace) -> int:
+    """Each MatMul whose B is a 2-D fp32 initializer -> ``replace(node, weight [K, N], weight_name)``, which
+    returns (the new node, its new initializers). fp32 weights no other node reads are dropped and the
+    com.microsoft opset is added. Returns how many MatMuls were replaced."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses = Counter(name for n in graph.node for name in n.input)
+    nodes, added, replaced, count = [], [], set(), 0
+    for node in graph.node:
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if w is None or len(w.dims) != 2 or w.data_type != TensorProto.FLOAT:
+            nodes.append(node)
+            continue
+        new_node, new_inits = replace(node, numpy_helper.to_array(w), w.name)
+        nodes.append(new_node)
+        added.extend(new_inits)
+        uses[w.name] -= 1
+        if uses[w.name] == 0:
+            replaced.add(w.name)
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [t for t in graph.initializer if t.name not in replaced] + added
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return count
+
+
 def quantize_matmul_nbits(model, bits: int, block_size: int, symmetric: bool, accuracy_level: int) -> int:
     """Every MatMul with a 2-D fp32 initializer weight -> com.microsoft ``MatMulNBits``; returns the count.
 
@@ -628,20 +660,12 @@ def quantize_matmul_nbits(model, bits: int, block_size: int, symmetric: bool, ac
     without its onnx_ir dependency). Symmetric: no zero points (int4 centre 8, int8 centre 128).
     """
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     pack = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[bits]
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    uses = Counter(name for n in graph.node for name in n.input)
-    nodes, count, replaced = [], 0, set()
-    for node in graph.node:
-        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if w is None or len(w.dims) != 2 or w.data_type != TensorProto.FLOAT:
-            nodes.append(node)
-            continue
-        weight = numpy_helper.to_array(w)  # [K, N]
+
+    def replace(node, weight, weight_name):
         k, n = weight.shape
         blocks = -(-k // block_size)
         if blocks * block_size != k:
@@ -651,28 +675,17 @@ def quantize_matmul_nbits(model, bits: int, block_size: int, symmetric: bool, ac
         zero_points = np.zeros((n, -(-blocks // per_byte)), dtype=np.uint8)
         scales = np.zeros((n, blocks), dtype=np.float32)
         pack(packed, np.ascontiguousarray(weight, dtype=np.float32), scales, zero_points, block_size, n, k, symmetric)
-        name = f"{w.name}_q{bits}"
-        graph.initializer.extend([numpy_helper.from_array(packed, name),
-                                  numpy_helper.from_array(scales, name + "_scales")])
+        name = f"{weight_name}_q{bits}"
+        inits = [numpy_helper.from_array(packed, name), numpy_helper.from_array(scales, name + "_scales")]
         inputs = [node.input[0], name, name + "_scales"]
         if not symmetric:
-            graph.initializer.append(numpy_helper.from_array(zero_points, name + "_zero_points"))
+            inits.append(numpy_helper.from_array(zero_points, name + "_zero_points"))
             inputs.append(name + "_zero_points")
         extra = {"accuracy_level": accuracy_level} if accuracy_level else {}
-        nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q{bits}",
-                                      domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block_size, **extra))
-        uses[w.name] -= 1
-        if uses[w.name] == 0:
-            replaced.add(w.name)
-        count += 1
-    del graph.node[:]
-    graph.node.extend(nodes)
-    kept = [t for t in graph.initializer if t.name not in replaced]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return count
+        return helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q{bits}",
+                                domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block_size, **extra), inits
+
+    return _replace_weight_matmuls(model, replace)
 
 
 def quantize_matmul_int8_columns(model) -> int:
@@ -684,38 +697,19 @@ def quantize_matmul_int8_columns(model) -> int:
     prompt's rows 2-3x faster than ``MatMulNBits`` with int8 compute, as fast for one row.
     """
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    uses = Counter(name for n in graph.node for name in n.input)
-    nodes, count, replaced = [], 0, set()
-    for node in graph.node:
-        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if w is None or len(w.dims) != 2 or w.data_type != TensorProto.FLOAT:
-            nodes.append(node)
-            continue
-        weight = numpy_helper.to_array(w)  # [K, N]
+    def replace(node, weight, weight_name):
         scale = np.abs(weight).max(axis=0) / 127.0
         scale[scale == 0] = 1.0  # an all-zero column stays zero
         quantized = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
-        name = f"{w.name}_i8c"
-        graph.initializer.extend([numpy_helper.from_array(quantized, name),
-                                  numpy_helper.from_array(scale.astype(np.float32), name + "_scale")])
-        nodes.append(helper.make_node("DynamicQuantizeMatMul", [node.input[0], name, name + "_scale"],
-                                      list(node.output), name=f"{node.name}_I8C", domain=MS_DOMAIN))
-        uses[w.name] -= 1
-        if uses[w.name] == 0:
-            replaced.add(w.name)
-        count += 1
-    del graph.node[:]
-    graph.node.extend(nodes)
-    kept = [t for t in graph.initializer if t.name not in replaced]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return count
+        name = f"{weight_name}_i8c"
+        inits = [numpy_helper.from_array(quantized, name),
+                 numpy_helper.from_array(scale.astype(np.float32), name + "_scale")]
+        return helper.make_node("DynamicQuantizeMatMul", [node.input[0], name, name + "_scale"], list(node.output),
+                                name=f"{node.name}_I8C", domain=MS_DOMAIN), inits
+
+    return _replace_weight_matmuls(model, replace)
 
 
 def quantize_int8_dynamic(model, work_dir: Path):
@@ -820,11 +814,8 @@ def optimize_onnx_folder(onnx_dir: str | Path, out_dir: str | Path, options: Opt
             prefill = copy.deepcopy(model)
             fusions["DynamicQuantizeMatMul (prefill)"] = quantize_matmul_int8_columns(prefill)
             precision[io_spec.DECODER_PREFILL] = "int8 (per-column weights, dynamic activations)"
-            _check_io(io, prefill, io_spec.DECODER_PREFILL)
-            counts[io_spec.DECODER_PREFILL] = {"before": before, "after": op_counts(prefill)}
-            _save(prefill, out / io_spec.DECODER_PREFILL)
+            counts[io_spec.DECODER_PREFILL] = _write_graph(prefill, io_spec.DECODER_PREFILL, io, before, out, Path(tmp))
             del prefill
-            counts[io_spec.DECODER_PREFILL]["runtime"] = runtime_op_counts(out / io_spec.DECODER_PREFILL, Path(tmp))
         else:
             (out / io_spec.DECODER_PREFILL).unlink(missing_ok=True)
             (out / f"{io_spec.DECODER_PREFILL}_data").unlink(missing_ok=True)
@@ -833,11 +824,8 @@ def optimize_onnx_folder(onnx_dir: str | Path, out_dir: str | Path, options: Opt
             fusions["MatMulNBits"] = quantize_matmul_nbits(model, bits, options.block, options.symmetric,
                                                            options.accuracy_level)
             precision[io_spec.DECODER] = options.quantize.value
-        _check_io(io, model, io_spec.DECODER)
-        counts[io_spec.DECODER] = {"before": before, "after": op_counts(model)}
-        _save(model, out / io_spec.DECODER)
+        counts[io_spec.DECODER] = _write_graph(model, io_spec.DECODER, io, before, out, Path(tmp))
         del model
-        counts[io_spec.DECODER]["runtime"] = runtime_op_counts(out / io_spec.DECODER, Path(tmp))
 
         # vision encoder
         path = source / io_spec.VISION_ENCODER
@@ -852,11 +840,8 @@ def optimize_onnx_folder(onnx_dir: str | Path, out_dir: str | Path, options: Opt
                 _save(model, vision_fp32)
             model = quantize_int8_dynamic(model, Path(tmp))
             precision[io_spec.VISION_ENCODER] = "int8"
-        _check_io(io, model, io_spec.VISION_ENCODER)
-        counts[io_spec.VISION_ENCODER] = {"before": before, "after": op_counts(model)}
-        _save(model, out / io_spec.VISION_ENCODER)
+        counts[io_spec.VISION_ENCODER] = _write_graph(model, io_spec.VISION_ENCODER, io, before, out, Path(tmp))
         del model
-        counts[io_spec.VISION_ENCODER]["runtime"] = runtime_op_counts(out / io_spec.VISION_ENCODER, Path(tmp))
 
     shutil.copy2(source / io_spec.EMBED_TOKENS, out / io_spec.EMBED_TOKENS)
     for item in source.iterdir():  # config, processor, tokenizer, generation config
@@ -895,6 +880,15 @@ def optimize_onnx_folder(onnx_dir: str | Path, out_dir: str | Path, options: Opt
     (out / io_spec.MANIFEST).write_text(json.dumps(optimized, indent=2) + "\n", encoding="utf-8")
     return OptimizeResult(out_dir=out, variant=options.variant, graph_bytes=optimized["graph_bytes"],
                           op_counts=counts, validation=validation, seconds=seconds, manifest=optimized)
+
+
+def _write_graph(model, name: str, io: tuple, before: dict, out: Path, work_dir: Path) -> dict:
+    """Save ``model`` as ``out/name`` after checking it kept the inputs/outputs ``io``; its op counts before,
+    after and as ONNX Runtime loads it."""
+    _check_io(io, model, name)
+    after = op_counts(model)
+    _save(model, out / name)
+    return {"before": before, "after": after, "runtime": runtime_op_counts(out / name, work_dir)}
 
 
 def _check_io(expected: tuple, model, name: str) -> None:
