@@ -71,7 +71,8 @@ def decoder_inputs(num_layers: int) -> list[str]:
 
 
 def decoder_outputs(num_layers: int) -> list[str]:
-    return ["logits", *present_names(num_layers)]  # logits [batch, seq, vocab]
+    # logits [batch, seq, vocab]; [batch, 1, vocab] (the last position) in export.optimize variants and TRT engines
+    return ["logits", *present_names(num_layers)]
 
 
 def decoder_axes(num_layers: int) -> dict[str, dict[int, str]]:
