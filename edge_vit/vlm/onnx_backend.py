@@ -301,19 +301,17 @@ class _SharedKVDecoder(_Decoder):
         # zeroed (not just allocated) so positions past the valid length never hold stale values
         past = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.cache_dtype), self.device,
                                                        self.device_id) for name in self.past_names}
-        bindings = []
-        for session in (self.session, self.prefill):
-            if session is None:
-                continue
+        def bind(session: ort.InferenceSession):
             binding = session.io_binding()
             binding.bind_output("logits", "cpu")  # bound first: output 0 of get_outputs() (rebinding keeps the slot)
             for past_name, present_name in zip(self.past_names, self.present_names):
                 binding.bind_ortvalue_input(past_name, past[past_name])
                 binding.bind_ortvalue_output(present_name, past[past_name])  # the same buffer: updated in place
-            bindings.append(binding)
+            return binding
+
         logits = np.empty((1, 1, self.vocab), dtype=np.float32) if self.vocab else None
-        return _Cache(past, logits=logits, capacity=capacity, binding=bindings[0],
-                      prefill_binding=bindings[1] if len(bindings) > 1 else None)
+        return _Cache(past, logits=logits, capacity=capacity, binding=bind(self.session),
+                      prefill_binding=bind(self.prefill) if self.prefill is not None else None)
 
     def run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         seq = embeds.shape[1]
@@ -324,9 +322,8 @@ class _SharedKVDecoder(_Decoder):
         if attention_mask.shape[1] != cache.length + seq:
             raise RuntimeError(f"attention_mask covers {attention_mask.shape[1]} positions, expected "
                                f"{cache.length + seq} (GQA reads the valid cache length from it)")
-        session, binding = self.session, cache.binding
-        if seq > 1 and cache.prefill_binding is not None:
-            session, binding = self.prefill, cache.prefill_binding
+        session = self.session_for(seq)
+        binding = cache.prefill_binding if session is self.prefill else cache.binding
         for name, value in self._feeds(cache, embeds, attention_mask).items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         buffer = cache.logits
