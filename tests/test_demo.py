@@ -322,11 +322,11 @@ def test_demo_grounds_with_the_size_words_its_vlm_was_tuned_with(tmp_path, stand
 def test_shipped_demo_answers_the_clip_better_than_an_untuned_model(tmp_path):
     """The shipped demo end to end, scored against the clip's truth.
 
-    Measured 2026-12-01 (the current demo VLM): 61% (17/28 answers), 68% (21/31), 77% (20/26) and 79% (22/28)
+    Measured 2026-12-01 (the current demo VLM): 66% (21/32 answers), 73% (19/26), 66% (21/32) and 70% (19/27)
     in four runs: which frames get answered depends on timing (threads, a busy machine), so the count of
-    answers and the score move from run to run. The benchmark gives the same VLM 70.8% grounded. The bar, 30%,
+    answers and the score move from run to run. The benchmark gives the same VLM 73.2% grounded. The bar, 30%,
     is over three binomial standard deviations under the lowest run and far above a VLM never tuned on
-    questions (the previous recipe's stage 1: 2.3% on the benchmark); the 90% target of issue 3 is not met.
+    questions (an earlier recipe's stage 1: 2.3% on the benchmark); the 90% target of issue 3 is not met.
     """
     work = tmp_path / "demo"
     t0 = time.perf_counter()

@@ -16,7 +16,8 @@ from finetune.demo_models import STEPS, DemoRecipe, install, pretrain_texts, run
 @pytest.mark.slow
 def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     out = tmp_path / "run"
-    recipe = replace(DemoRecipe.quick(), pretrain_steps=40, threads=1, stage2_rounds=((40, 1e-2), (6, 1e-2)))
+    recipe = replace(DemoRecipe.quick(), pretrain_rounds=((40, 2e-3), (10, 1e-3)), threads=1,
+                     stage2_rounds=((40, 1e-2), (6, 1e-2)))
     summary = run_demo_models(out, recipe, steps=STEPS, install_to=tmp_path / "installed")
     assert set(summary["seconds"]) == {"shapes", "detector", "instruct", "base", "stage1", "stage2", "stage2b",
                                        "eval stage1", "eval stage2", "eval stage2b", "export", "install"}
@@ -41,8 +42,11 @@ def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     assert summary["eval"]["stage1"]["grounding"]["size_words"] is None
     assert summary["eval"]["stage2b"]["grounding"]["size_words"] == [0.145, 0.25]
     assert installed["grounding"]["size_words"] == [0.145, 0.25]
-    pre = summary["pretrain"]
-    assert pre["final_loss"] < 0.8 * pre["first_loss"]  # stage 0 learns the description text
+    pre = summary["pretrain"]  # one report per stage-0 round, each continuing from the last
+    assert [(r["steps"], r["lr"]) for r in pre] == [(40, 2e-3), (10, 1e-3)]
+    assert pre[0]["final_loss"] < 0.8 * pre[0]["first_loss"]  # stage 0 learns the description text
+    assert pre[1]["first_loss"] < pre[0]["first_loss"]  # round 2 starts from round 1's weights
+    assert len((out / "pretrain_loss_r2.jsonl").read_text().splitlines()) == 10
     for stage in ("stage1", "stage2"):
         assert (out / stage / "model.safetensors").is_file() and (out / stage / "training_history.json").is_file()
     losses = [json.loads(line)["loss"] for line in (out / "stage2-adapter" / "loss.jsonl").read_text().splitlines()]
@@ -72,7 +76,7 @@ def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     mixed = json.loads((out / "instruct" / "instruct.json").read_text())
     detailed = pretrain_texts(out / "instruct" / "instruct.json", processor, ("detailed",))
     assert len(detailed) == sum(s["kind"] == "detailed" for s in mixed) > 0
-    assert summary["pretrain"]["texts"] == len(texts) + len(detailed)
+    assert [r["texts"] for r in summary["pretrain"]] == [len(texts) + len(detailed)] * 2
     # A second run skips what is there.
     again = run_demo_models(out, recipe, steps=("shapes", "detector", "instruct", "base", "stage1", "stage2"))
     assert again["seconds"] == summary["seconds"]
