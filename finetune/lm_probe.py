@@ -94,8 +94,9 @@ def probe(vlm_dir: str | Path, records: list[dict], max_new_tokens: int = 8,
 
 
 def summarize(rows: list[dict]) -> dict:
-    """{kind: {"all"|"objects=N"|"size word"|"no size word": {"correct", "total", "accuracy"}, "wrong, another
-    object's value": share}}."""
+    """{kind: {"all"|"no size word"|"size word"|"objects=N": {"correct", "total", "accuracy"}, "wrong, another
+    object's value": share}}. The objects=N groups (1, 2, 3, 4+ listed) leave out the questions with a size
+    word, which the grounding cannot answer whatever the binding."""
     out: dict[str, Any] = {}
     for kind in dict.fromkeys(r["kind"] for r in rows):
         mine = [r for r in rows if r["kind"] == kind]
