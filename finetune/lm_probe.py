@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         except json.JSONDecodeError as e:
             raise EdgeVitError(f"{path}: line {e.lineno}: not JSON") from None
+        missing = next((i for i, r in enumerate(records, 1) if not isinstance(r, dict)
+                        or not {"kind", "question", "answer", "prompt"} <= r.keys()), None)
+        if missing:
+            raise EdgeVitError(f"{path}: line {missing}: not an eval record (kind, question, answer, prompt)")
         kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
         rows = probe(args.vlm, probe_records(records, kinds, exact_only=not args.all, limit=args.limit),
                      trust_remote_code=args.trust_remote_code)

@@ -65,5 +65,9 @@ def test_cli_writes_rows_and_one_line_errors(tiny_idefics3, tmp_path, capsys):
     assert len(rows) == 3 and json.loads((tmp_path / "p" / "summary.json").read_text())["colour"]["all"]["total"] == 1
     assert main(["--vlm", str(tiny_idefics3), "--answers", str(tmp_path / "none.jsonl")]) == 2
     assert main(["--vlm", str(tiny_idefics3), "--answers", str(answers), "--kinds", "size"]) == 2
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(_records()[0]) + "\n" + json.dumps({"frame": 3, "answer": "Yes."}) + "\n")
+    assert main(["--vlm", str(tiny_idefics3), "--answers", str(other)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert "line 2: not an eval record" in err[-1]
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
