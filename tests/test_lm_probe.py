@@ -1,6 +1,9 @@
 """finetune.lm_probe: the language model alone on an eval's grounded prompts, grouped by object count."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from finetune.instruct import answer_matches
 from finetune.lm_probe import listed_objects, main, names_another_listed, probe, probe_records, summarize
@@ -60,7 +63,13 @@ def test_probe_groups_by_objects_and_size_words(tiny_idefics3):
 def test_cli_writes_rows_and_one_line_errors(tiny_idefics3, tmp_path, capsys):
     answers = tmp_path / "answers.jsonl"
     answers.write_text("".join(json.dumps(r) + "\n" for r in _records()))
-    assert main(["--vlm", str(tiny_idefics3), "--answers", str(answers), "--out", str(tmp_path / "p")]) == 0
+    # As the README runs it: python -m finetune.lm_probe.
+    r = subprocess.run([sys.executable, "-m", "finetune.lm_probe", "--vlm", str(tiny_idefics3), "--answers",
+                        str(answers), "--out", str(tmp_path / "p")], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("colour: all ")
+    assert json.loads(r.stdout.strip().splitlines()[-1])["colour"]["all"]["total"] == 1
     rows = [json.loads(line) for line in (tmp_path / "p" / "rows.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and json.loads((tmp_path / "p" / "summary.json").read_text())["colour"]["all"]["total"] == 1
     assert main(["--vlm", str(tiny_idefics3), "--answers", str(tmp_path / "none.jsonl")]) == 2
