@@ -116,7 +116,8 @@ def summarize(rows: list[dict]) -> dict:
 def format_table(summary: dict) -> str:
     lines = []
     for kind, table in summary.items():
-        cells = [f"{name} {100 * v['accuracy']:.1f}% ({v['total']})" for name, v in table.items() if isinstance(v, dict)]
+        cells = [f"{name} {100 * v['accuracy']:.1f}% ({v['total']})"
+                 for name, v in table.items() if isinstance(v, dict)]
         other = table.get("wrong, another object's value")
         if other is not None:
             cells.append(f"wrong answers naming another listed object's value {100 * other:.0f}%")
