@@ -101,6 +101,14 @@ class DemoRecipe:
     intermediate: int = 512
     vision_hidden: int = 64
     vision_layers: int = 2
+    # Start the text model from a pretrained causal LM (finetune.base_lm: a hub id, a folder or a .gguf file),
+    # its first base_lm_layers layers, its embeddings moved to the tokenizer above; hidden, layers, heads,
+    # kv_heads and intermediate then come from it. None: a text model of those sizes, randomly initialized.
+    base_lm: str | None = None
+    base_lm_layers: int = 6
+    # dtype of the demo VLM's saved weights (the last stage-2 round's merge: what eval, export and install
+    # read; the runtime loads them as float32 unless told otherwise). Training is fp32 throughout.
+    save_dtype: str = "float32"
     # Stage 0 rounds (steps, peak lr), each a fresh optimizer and schedule on the previous round's weights with
     # seed + round. The second round (loss 0.300 -> 0.285) took the text-only probe of the benchmark's prompts
     # from 83 to 94% on counting and 33 to 64% on position; the demo VLM kept the counting part of it: 70.8% ->
@@ -176,8 +184,12 @@ def _corpus(instruct_json: Path) -> list[str]:
     return [t["value"].replace("<image>", "").strip() for s in samples for t in s["conversations"]]
 
 
-def build_demo_vlm(out_dir: Path, corpus: list[str], recipe: DemoRecipe) -> Path:
-    """A randomly initialized Idefics3 of the recipe's size, with a BPE tokenizer trained on ``corpus``."""
+def build_demo_vlm(out_dir: Path, corpus: list[str], recipe: DemoRecipe) -> tuple[Path, dict | None]:
+    """An Idefics3 of the recipe's size with a BPE tokenizer trained on ``corpus``: randomly initialized, or
+    with ``recipe.base_lm``'s first ``base_lm_layers`` layers as its text model (finetune.base_lm).
+
+    Returns the folder and the base LM's report (None without one).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from edge_vit.tiny import IDEFICS3_SPECIAL_TOKENS, idefics3_tokenizer, save_idefics3
@@ -190,13 +202,33 @@ def build_demo_vlm(out_dir: Path, corpus: list[str], recipe: DemoRecipe) -> Path
     trainer = trainers.BpeTrainer(vocab_size=recipe.vocab_size, special_tokens=IDEFICS3_SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     raw.train_from_iterator(corpus + ["User: Assistant: 0 1 2 3 4 5 6 7 8 9"], trainer=trainer)
-    return save_idefics3(
-        out_dir, idefics3_tokenizer(raw), tile=recipe.tile, split=False, seed=recipe.seed, max_positions=1024,
+    tokenizer = idefics3_tokenizer(raw)
+    base = None
+    if recipe.base_lm:
+        from finetune.base_lm import load_base_lm, text_dims
+
+        base = load_base_lm(recipe.base_lm)
+        text = text_dims(base, recipe.base_lm_layers)
+    else:
+        text = dict(hidden_size=recipe.hidden, intermediate_size=recipe.intermediate, num_hidden_layers=recipe.layers,
+                    num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads)
+    save_idefics3(
+        out_dir, tokenizer, tile=recipe.tile, split=False, seed=recipe.seed, max_positions=1024,
         vision=dict(hidden_size=recipe.vision_hidden, intermediate_size=2 * recipe.vision_hidden,
                     num_hidden_layers=recipe.vision_layers, num_attention_heads=2),
-        text=dict(hidden_size=recipe.hidden, intermediate_size=recipe.intermediate, num_hidden_layers=recipe.layers,
-                  num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads),
+        text=text,
     )
+    if base is None:
+        return out_dir, None
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from finetune.base_lm import init_text_model
+
+    vlm = AutoModelForImageTextToText.from_pretrained(out_dir, dtype=torch.float32)
+    report = init_text_model(vlm, base, tokenizer, seed=recipe.seed)
+    vlm.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir, report
 
 
 def pretrain_texts(instruct_json: Path, processor: Any, kinds: tuple[str, ...]) -> list[str]:
@@ -326,7 +358,18 @@ def _train_stage(stage: int, model: Path, data: Path, out: Path, recipe: DemoRec
                              modules_to_save=recipe.stage2_modules_to_save)
     summary = run_training(config)
     merge_adapter(str(model), out / f"{name}-adapter", out / name, overwrite=True)
+    if stage == 2 and round_ == len(recipe.stage2_rounds) - 1 and recipe.save_dtype != "float32":
+        _cast_saved_model(out / name, recipe.save_dtype)
     return summary
+
+
+def _cast_saved_model(folder: Path, dtype: str) -> None:
+    """Re-save a merged model's weights in ``dtype`` (merged in fp32 first: LoRA deltas are small)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    model.to(getattr(torch, dtype)).save_pretrained(folder, safe_serialization=True)
 
 
 def stage_name(stage: int, round_: int = 0) -> str:
@@ -464,7 +507,7 @@ def run_demo_models(out: str | Path, recipe: DemoRecipe = DemoRecipe(), steps: t
         def build_base():
             tmp = out / "base.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            build_demo_vlm(tmp, _corpus(out / "instruct" / "instruct.json"), recipe)
+            summary["base_lm"] = build_demo_vlm(tmp, _corpus(out / "instruct" / "instruct.json"), recipe)[1]
             from transformers import AutoProcessor
 
             processor = AutoProcessor.from_pretrained(tmp)
@@ -521,7 +564,7 @@ def install(out: Path, dest: Path = ASSETS, vlm_src: Path | None = None, groundi
 
     write_demo_clip(dest)  # the bundled clip with its per-frame ground truth
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8")) if (out / "summary.json").is_file() else {}
-    keep = {k: summary.get(k) for k in ("recipe", "seconds", "pretrain", "eval", "export") if k in summary}
+    keep = {k: summary.get(k) for k in ("recipe", "seconds", "base_lm", "pretrain", "eval", "export") if k in summary}
     # The grounding the demo VLM was tuned with: edge-vit demo runs it with the same (demo_paths reads it).
     keep["grounding"] = (grounding or DemoRecipe().final_grounding()).as_json()
     (dest / "models.json").write_text(json.dumps(keep, indent=1) + "\n", encoding="utf-8")
