@@ -165,6 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     questions = args.prompt or [q.text for q in DEMO_QUESTIONS]
     argv = [
         "run", "--source", str(paths.clip), "--detector", str(paths.detector), "--vlm", str(paths.vlm),
+        "--backend", paths.vlm_backend,
         "--imgsz", str(paths.imgsz), "--conf", str(paths.conf), "--grounding-tokens", str(paths.grounding_tokens),
         "--jsonl", str(paths.jsonl), "--save-video", str(paths.video),
         # Every frame may be answered: with several questions the runner asks the next one whenever the VLM is free.

@@ -162,6 +162,7 @@ class DemoPaths:
     agnostic_nms: bool = DETECTOR_AGNOSTIC_NMS
     grounding_tokens: int = GROUNDING_TOKENS
     size_words: tuple[float, float] | None = None  # as the VLM was tuned (models.json's "grounding")
+    vlm_backend: str = "torch"  # "onnx" when the shipped VLM is an export folder (edge-vit export onnx)
 
 
 def demo_paths(workdir: str | Path = ".demo", assets: str | Path | None = None) -> DemoPaths:
@@ -173,7 +174,14 @@ def demo_paths(workdir: str | Path = ".demo", assets: str | Path | None = None) 
     clip = (assets if bundled else workdir) / CLIP_FILE
     return DemoPaths(assets=assets, detector=assets / DETECTOR_FILE, vlm=assets / VLM_DIR, clip=clip,
                      truth=clip.with_suffix(".jsonl"), jsonl=workdir / "demo.jsonl", video=workdir / "demo.mp4",
-                     size_words=tuned_size_words(assets))
+                     size_words=tuned_size_words(assets), vlm_backend=vlm_backend(assets / VLM_DIR))
+
+
+def vlm_backend(folder: Path) -> str:
+    """"onnx" for a folder written by ``edge-vit export onnx`` (its manifest is there), else "torch"."""
+    from export import io_spec
+
+    return "onnx" if (Path(folder) / io_spec.MANIFEST).is_file() else "torch"
 
 
 def tuned_size_words(assets: Path) -> tuple[float, float] | None:
@@ -196,7 +204,10 @@ def missing_models(paths: DemoPaths) -> list[str]:
     missing = []
     if not paths.detector.is_file():
         missing.append(DETECTOR_FILE)
-    for name in ("config.json", "model.safetensors"):
+    from export import io_spec
+
+    files = ("config.json", *io_spec.GRAPH_FILES) if paths.vlm_backend == "onnx" else ("config.json", "model.safetensors")
+    for name in files:
         if not (paths.vlm / name).is_file():
             missing.append(f"{VLM_DIR}/{name}")
     return missing
@@ -230,13 +241,29 @@ def _safetensors_params(path: Path) -> int:
     return total
 
 
+def _onnx_description(folder: Path) -> str:
+    """"ONNX int4, 68 MB": the export's variant (from its manifest) and the size of its graphs."""
+    from export import io_spec
+
+    mb = sum(f.stat().st_size for f in folder.glob("*.onnx")) / 1e6
+    try:
+        manifest = json.loads((folder / io_spec.MANIFEST).read_text(encoding="utf-8"))
+        variant = (manifest.get("optimization") or {}).get("variant") or "fp32"
+    except (OSError, ValueError, AttributeError):
+        variant = "?"
+    return f"ONNX {variant}, {mb:.0f} MB"
+
+
 def models_line(paths: DemoPaths) -> str:
     """One line for the start of the demo: which models run, how big, and that nothing is downloaded."""
     det_mb = paths.detector.stat().st_size / 1e6
-    try:
-        vlm = f"{_safetensors_params(paths.vlm / 'model.safetensors') / 1e6:.1f}M-parameter"
-    except (OSError, ValueError, KeyError, struct.error):
-        vlm = "small"
+    if paths.vlm_backend == "onnx":
+        vlm = _onnx_description(paths.vlm)
+    else:
+        try:
+            vlm = f"{_safetensors_params(paths.vlm / 'model.safetensors') / 1e6:.1f}M-parameter"
+        except (OSError, ValueError, KeyError, struct.error):
+            vlm = "small"
     return (f"edge-vit demo: trained demo models from {paths.assets} (YOLO26n shapes detector, {det_mb:.1f} MB ONNX "
             f"at {paths.imgsz} px; {vlm} Idefics3 VLM) on the shapes clip {paths.clip}, fully offline")
 

@@ -109,6 +109,11 @@ class DemoRecipe:
     # dtype of the demo VLM's saved weights (the last stage-2 round's merge: what eval, export and install
     # read; the runtime loads them as float32 unless told otherwise). Training is fp32 throughout.
     save_dtype: str = "float32"
+    # What install copies as the demo VLM: "torch" (the last round's merged model, safetensors) or one of
+    # VARIANTS (that ONNX export folder; edge-vit demo then runs the onnx backend). export_prefill_graph: the
+    # quantized variants' decoder_prefill.onnx (faster prompts, the size of an int8 decoder more on disk).
+    ship: str = "torch"
+    export_prefill_graph: bool = True
     # Stage 0 rounds (steps, peak lr), each a fresh optimizer and schedule on the previous round's weights with
     # seed + round. The second round (loss 0.300 -> 0.285) took the text-only probe of the benchmark's prompts
     # from 83 to 94% on counting and 33 to 64% on position; the demo VLM kept the counting part of it: 70.8% ->
@@ -382,6 +387,15 @@ def final_vlm(out: Path, recipe: DemoRecipe) -> Path:
     return out / stage_name(2, len(recipe.stage2_rounds) - 1)
 
 
+def shipped_vlm(out: Path, recipe: DemoRecipe) -> Path:
+    """The folder install copies: the demo VLM itself, or its ONNX variant ``recipe.ship``."""
+    if recipe.ship == "torch":
+        return final_vlm(out, recipe)
+    if recipe.ship not in VARIANTS:
+        raise EdgeVitError(f"ship must be torch or one of {', '.join(VARIANTS)}, got {recipe.ship}")
+    return out / "onnx" / recipe.ship
+
+
 def _export_variants(out: Path, recipe: DemoRecipe, device: str) -> dict:
     from export import io_spec
     from export.onnx_export import export_vlm_onnx
@@ -397,7 +411,7 @@ def _export_variants(out: Path, recipe: DemoRecipe, device: str) -> dict:
         folder = onnx_dir / variant
         if variant != "fp32" and not (folder / io_spec.MANIFEST).is_file():
             shutil.rmtree(folder, ignore_errors=True)
-            optimize_onnx_folder(fp32, folder, OptimizeOptions(quantize=variant))
+            optimize_onnx_folder(fp32, folder, OptimizeOptions(quantize=variant, prefill_graph=recipe.export_prefill_graph))
         reports[variant] = _evaluate(out, folder, recipe, device, backend="onnx", name=f"onnx-{variant}")
     return reports
 
@@ -538,7 +552,7 @@ def run_demo_models(out: str | Path, recipe: DemoRecipe = DemoRecipe(), steps: t
         summary["export"] = timed("export", lambda: _export_variants(out, recipe, device))
     if "install" in steps:
         save()  # install copies summary.json into models.json: the export step's report must be in it
-        timed("install", lambda: install(out, install_to, final_vlm(out, recipe), grounding=recipe.final_grounding()))
+        timed("install", lambda: install(out, install_to, shipped_vlm(out, recipe), grounding=recipe.final_grounding()))
     save()
     return summary
 
@@ -548,15 +562,18 @@ def install(out: Path, dest: Path = ASSETS, vlm_src: Path | None = None, groundi
 
     ``grounding``: the GroundingConfig the VLM was tuned with (default: the default recipe's last round's).
     """
+    from export import io_spec
+
     vlm_src = vlm_src or final_vlm(out, DemoRecipe())
-    if not (out / "detector.onnx").is_file() or not (vlm_src / "model.safetensors").is_file():
-        raise EdgeVitError(f"{out}: run the detector and stage2 steps before install")
+    weights = io_spec.DECODER if (vlm_src / io_spec.MANIFEST).is_file() else "model.safetensors"
+    if not (out / "detector.onnx").is_file() or not (vlm_src / weights).is_file():
+        raise EdgeVitError(f"{out}: run the detector and stage2 steps (and export, to ship an ONNX variant) before install")
     vlm_dest = dest / "vlm"
     if vlm_dest.exists():
         shutil.rmtree(vlm_dest)
     vlm_dest.mkdir(parents=True)
     for item in vlm_src.iterdir():
-        if item.is_file() and item.suffix in (".json", ".safetensors", ".jinja", ".txt") \
+        if item.is_file() and item.suffix in (".json", ".safetensors", ".onnx", ".jinja", ".txt") \
                 and item.name != "training_history.json":
             shutil.copy2(item, vlm_dest / item.name)
     shutil.copy2(out / "detector.onnx", dest / "detector.onnx")

@@ -302,6 +302,28 @@ def test_demo_end_to_end_on_stand_in_models(tmp_path, stand_in_assets):
     assert {a["prompt"] for a in by_type(read_jsonl(work / "demo.jsonl"), "answer")} == {"What do you see?"}
 
 
+def test_demo_runs_a_shipped_onnx_export_on_the_onnx_backend(tmp_path, stand_in_assets):
+    """A demo VLM shipped as an ONNX variant (DemoRecipe.ship) runs through --backend onnx, as users run one."""
+    from export.onnx_export import export_vlm_onnx
+    from export.optimize import OptimizeOptions, optimize_onnx_folder
+
+    assets = tmp_path / "assets"
+    shutil.copytree(stand_in_assets, assets, ignore=shutil.ignore_patterns("vlm"))
+    export_vlm_onnx(str(stand_in_assets / "vlm"), tmp_path / "fp32")
+    optimize_onnx_folder(tmp_path / "fp32", assets / "vlm", OptimizeOptions(quantize="int4", prefill_graph=False))
+    paths = demo_paths(assets=assets)
+    assert paths.vlm_backend == "onnx" and demo_paths(assets=stand_in_assets).vlm_backend == "torch"
+    work = tmp_path / "demo"
+    r = run_cli("demo", "--assets", str(assets), "--workdir", str(work), "--max-frames", "6", timeout=600)
+    assert r.returncode == 0, r.stderr  # the torch backend cannot load this folder (no model.safetensors)
+    assert "ONNX int4" in r.stderr and "accuracy vs the clip's ground truth:" in r.stderr
+    assert by_type(read_jsonl(work / "demo.jsonl"), "answer")
+    # A missing graph is named like a missing safetensors file.
+    (assets / "vlm" / "decoder_model_merged.onnx").unlink()
+    r = run_cli("demo", "--assets", str(assets), "--workdir", str(work), timeout=120)
+    assert r.returncode == 2 and "vlm/decoder_model_merged.onnx" in r.stderr
+
+
 def test_demo_grounds_with_the_size_words_its_vlm_was_tuned_with(tmp_path, stand_in_assets):
     assets = tmp_path / "assets"
     shutil.copytree(stand_in_assets, assets)

@@ -10,7 +10,8 @@ from dataclasses import replace
 
 import pytest
 
-from finetune.demo_models import STEPS, DemoRecipe, install, pretrain_texts, run_demo_models
+from edge_vit.errors import EdgeVitError
+from finetune.demo_models import STEPS, DemoRecipe, install, pretrain_texts, run_demo_models, shipped_vlm
 
 
 @pytest.mark.slow
@@ -87,6 +88,16 @@ def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     from edge_vit.vlm import load_vlm
 
     assert load_vlm(str(dest / "vlm")).count_tokens("How many circles are there?") > 0
+    # Shipping an ONNX variant instead (ship="int4"): its graphs and manifest, and edge-vit demo runs it with onnx.
+    from edge_vit.demo import demo_paths
+
+    onnx_dest = install(out, tmp_path / "assets-onnx", shipped_vlm(out, replace(recipe, ship="int4")))
+    assert {"vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx", "edge_vit_export.json",
+            "tokenizer.json"} <= {f.name for f in (onnx_dest / "vlm").iterdir()}
+    assert demo_paths(assets=onnx_dest).vlm_backend == "onnx"
+    assert load_vlm(str(onnx_dest / "vlm"), "onnx").count_tokens("How many circles are there?") > 0
+    with pytest.raises(EdgeVitError, match="ship must be torch or one of"):
+        shipped_vlm(out, replace(recipe, ship="int2"))
 
 
 def test_cli_unknown_step_is_one_line_exit_2(tmp_path):
