@@ -74,9 +74,10 @@ def load_base_lm(spec: str) -> BaseLM:
     return BaseLM(model, tokenizer, spec)
 
 
-def text_dims(base: BaseLM, layers: int) -> dict:
-    """The text config of a ``layers``-layer copy of ``base`` (for save_idefics3's ``text=``)."""
+def text_dims(base: BaseLM, layers: int | None = None) -> dict:
+    """The text config of a ``layers``-layer copy of ``base`` (None: all its layers; for save_idefics3's ``text=``)."""
     cfg = base.model.config
+    layers = cfg.num_hidden_layers if layers is None else layers
     if not 1 <= layers <= cfg.num_hidden_layers:
         raise EdgeVitError(f"base_lm_layers must be 1..{cfg.num_hidden_layers} for {base.source}, got {layers}")
     dims = {k: getattr(cfg, k) for k in _DIM_KEYS if getattr(cfg, k, None) is not None}

