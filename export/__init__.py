@@ -1,2 +1,2 @@
 """Offline conversion steps that write files: VLM to ONNX (Optimum), ONNX Runtime fusion and quantization,
-TensorRT engines, YOLO export through Ultralytics. Not yet built: see the export issue."""
+TensorRT engines, YOLO export through Ultralytics. The runtime only loads what these write."""

@@ -28,6 +28,8 @@ The steps, each resumable (a step whose output exists is skipped):
    learned to read an answer off the grounding before it sees an image. (A
    stage 0 of descriptions alone left a language model that bound an object
    to its grounding line no better than chance, and stage 2 could not teach it.)
+   With ``base_lm`` (``--base-lm``, DemoRecipe.pretrained) the text model is a
+   pretrained LM's instead (finetune.base_lm) and stage 0 only adapts it.
 5. ``stage1``: ``edge-vit finetune train --stage 1`` (the connector only, on
    image + grounding -> description), merged.
 6. ``stage2``: ``edge-vit finetune train --stage 2`` (LoRA on the text model,
@@ -42,8 +44,8 @@ The steps, each resumable (a step whose output exists is skipped):
 8. ``export``: the demo VLM exported to ONNX (fp32), fused and quantized
    (int8, int4), each variant scored on the same benchmark with the ONNX
    Runtime backend: what quantization costs in accuracy.
-9. ``install`` (with ``--install``): copy the detector and the demo VLM into
-   ``edge_vit/assets/demo``.
+9. ``install`` (with ``--install``): copy the detector and the demo VLM (or,
+   with ``ship``, one of its ONNX variants) into ``edge_vit/assets/demo``.
 
 What it must not do: download anything, or write into the package without
 ``--install``. CPU times on the 2-core machine are in the README.
