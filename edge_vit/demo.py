@@ -184,6 +184,13 @@ def vlm_backend(folder: Path) -> str:
     return "onnx" if (Path(folder) / io_spec.MANIFEST).is_file() else "torch"
 
 
+def vlm_files(backend: str) -> tuple[str, ...]:
+    """The files a demo VLM folder of ``backend`` ("torch" or "onnx") cannot run without."""
+    from export import io_spec
+
+    return ("config.json", *io_spec.GRAPH_FILES) if backend == "onnx" else ("config.json", "model.safetensors")
+
+
 def tuned_size_words(assets: Path) -> tuple[float, float] | None:
     """The size-word thresholds the shipped VLM was tuned with, from ``models.json`` (None: no size words).
 
@@ -204,10 +211,7 @@ def missing_models(paths: DemoPaths) -> list[str]:
     missing = []
     if not paths.detector.is_file():
         missing.append(DETECTOR_FILE)
-    from export import io_spec
-
-    files = ("config.json", *io_spec.GRAPH_FILES) if paths.vlm_backend == "onnx" else ("config.json", "model.safetensors")
-    for name in files:
+    for name in vlm_files(paths.vlm_backend):
         if not (paths.vlm / name).is_file():
             missing.append(f"{VLM_DIR}/{name}")
     return missing

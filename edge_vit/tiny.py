@@ -100,12 +100,13 @@ def idefics3_tokenizer(raw):
 
 
 def save_idefics3(out_dir: str | Path, tokenizer, *, tile: int, split: bool, vision: dict, text: dict,
-                  max_positions: int, seed: int = 0) -> Path:
+                  max_positions: int, seed: int = 0, init=None) -> Path:
     """A randomly initialized Idefics3 (SmolVLM architecture) with its processor, saved to ``out_dir``.
 
     ``vision``/``text``: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads (text: also
     num_key_value_heads). One ``tile``-pixel tile gives ``(tile/16)^2 / 4`` image tokens; with ``split`` the
-    processor splits a frame into 2x2 tiles plus the global one, like SmolVLM does at scale.
+    processor splits a frame into 2x2 tiles plus the global one, like SmolVLM does at scale. ``init(model)``,
+    if given, sets weights in place before the save (e.g. a pretrained text model: finetune.base_lm).
     """
     import torch
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
@@ -133,6 +134,8 @@ def save_idefics3(out_dir: str | Path, tokenizer, *, tile: int, split: bool, vis
     )
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config).eval()
+    if init is not None:
+        init(model)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out.mkdir(parents=True, exist_ok=True)

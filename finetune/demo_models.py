@@ -234,23 +234,19 @@ def build_demo_vlm(out_dir: Path, corpus: list[str], recipe: DemoRecipe) -> tupl
     else:
         text = dict(hidden_size=recipe.hidden, intermediate_size=recipe.intermediate, num_hidden_layers=recipe.layers,
                     num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads)
+    report: dict = {}
+    if base is not None:
+        from finetune.base_lm import init_text_model
+
+        def init(model) -> None:
+            report.update(init_text_model(model, base, tokenizer, seed=recipe.seed))
     save_idefics3(
         out_dir, tokenizer, tile=recipe.tile, split=False, seed=recipe.seed, max_positions=1024,
         vision=dict(hidden_size=recipe.vision_hidden, intermediate_size=2 * recipe.vision_hidden,
                     num_hidden_layers=recipe.vision_layers, num_attention_heads=2),
-        text=text,
+        text=text, init=init if base is not None else None,
     )
-    if base is None:
-        return out_dir, None
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    from finetune.base_lm import init_text_model
-
-    vlm = AutoModelForImageTextToText.from_pretrained(out_dir, dtype=torch.float32)
-    report = init_text_model(vlm, base, tokenizer, seed=recipe.seed)
-    vlm.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir, report
+    return out_dir, report or None
 
 
 def pretrain_texts(instruct_json: Path, processor: Any, kinds: tuple[str, ...]) -> list[str]:
@@ -379,19 +375,10 @@ def _train_stage(stage: int, model: Path, data: Path, out: Path, recipe: DemoRec
         config = TrainConfig(**common, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, train_connector=True,
                              modules_to_save=recipe.stage2_modules_to_save)
     summary = run_training(config)
-    merge_adapter(str(model), out / f"{name}-adapter", out / name, overwrite=True)
-    if stage == 2 and round_ == len(recipe.stage2_rounds) - 1 and recipe.save_dtype != "float32":
-        _cast_saved_model(out / name, recipe.save_dtype)
+    last = stage == 2 and round_ == len(recipe.stage2_rounds) - 1
+    merge_adapter(str(model), out / f"{name}-adapter", out / name, overwrite=True,
+                  save_dtype=recipe.save_dtype if last else None)
     return summary
-
-
-def _cast_saved_model(folder: Path, dtype: str) -> None:
-    """Re-save a merged model's weights in ``dtype`` (merged in fp32 first: LoRA deltas are small)."""
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
-    model.to(getattr(torch, dtype)).save_pretrained(folder, safe_serialization=True)
 
 
 def stage_name(stage: int, round_: int = 0) -> str:
@@ -579,11 +566,10 @@ def install(out: Path, dest: Path = ASSETS, vlm_src: Path | None = None, groundi
 
     ``grounding``: the GroundingConfig the VLM was tuned with (default: the default recipe's last round's).
     """
-    from export import io_spec
+    from edge_vit.demo import vlm_backend, vlm_files
 
     vlm_src = vlm_src or final_vlm(out, DemoRecipe())
-    weights = io_spec.DECODER if (vlm_src / io_spec.MANIFEST).is_file() else "model.safetensors"
-    if not (out / "detector.onnx").is_file() or not (vlm_src / weights).is_file():
+    if not (out / "detector.onnx").is_file() or not all((vlm_src / f).is_file() for f in vlm_files(vlm_backend(vlm_src))):
         raise EdgeVitError(f"{out}: run the detector and stage2 steps (and export, to ship an ONNX variant) before install")
     vlm_dest = dest / "vlm"
     if vlm_dest.exists():

@@ -103,8 +103,12 @@ def _history(base: str, adapter: Path) -> dict:
 
 
 def merge_adapter(base: str, adapter: str | Path, out: str | Path, *, dtype: str = "float32",
-                  overwrite: bool = False) -> Path:
-    """Write ``base`` + ``adapter`` as one transformers model folder at ``out``; returns ``out``."""
+                  overwrite: bool = False, save_dtype: str | None = None) -> Path:
+    """Write ``base`` + ``adapter`` as one transformers model folder at ``out``; returns ``out``.
+
+    ``dtype``: what the merge runs in; ``save_dtype``: the saved weights' dtype, when not that (e.g. merge in
+    float32, where small LoRA deltas survive, and save in bfloat16).
+    """
     from transformers import AutoProcessor
 
     from edge_vit.vlm.torch_backend import TorchVLM, check_model_folder
@@ -123,6 +127,10 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, *, dtype: str
         log.warning("adapter %s was trained on %s, merging into %s", adapter, recorded, base)
     vlm = TorchVLM.load(base, dtype=dtype)
     model = apply_adapter(vlm.model, adapter)
+    if save_dtype and save_dtype != dtype:
+        import torch
+
+        model = model.to(getattr(torch, save_dtype))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     # The base's processor as it is on disk: the loaded one carries the runtime's tiling settings
@@ -134,6 +142,6 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, *, dtype: str
     body = card.read_text(encoding="utf-8").split("---", 2)[-1] if card.is_file() else ""
     (out / "README.md").write_text(
         f"# Merged model\n\n`{base}` with the adapter `{adapter}` merged in (`edge-vit finetune merge`, "
-        f"{dtype}). Stages: {', '.join(str(s.get('stage')) for s in history['stages'])}.\n\n"
+        f"{dtype}" + (f", saved in {save_dtype}" if save_dtype and save_dtype != dtype else "") + "). Stages: {', '.join(str(s.get('stage')) for s in history['stages'])}.\n\n"
         f"## The adapter's card\n{body}", encoding="utf-8")
     return out

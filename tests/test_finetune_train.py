@@ -513,3 +513,18 @@ def test_two_processes_with_gloo_match_one_process_with_the_whole_batch(models, 
                                       modules_to_save=("lm_head",), progress=False))
     assert single["world_size"] == 1
     np.testing.assert_allclose(_losses(tmp_path / "one"), losses, rtol=0, atol=1e-4)
+
+
+def test_merge_saves_in_save_dtype_what_the_fp32_merge_computes(runs, models, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from finetune.merge import merge_adapter
+
+    out = runs[("idefics3", 2)][0]
+    fp32 = load_file(str(merge_adapter(str(models["idefics3"]), out, tmp_path / "fp32") / "model.safetensors"))
+    bf16_dir = merge_adapter(str(models["idefics3"]), out, tmp_path / "bf16", save_dtype="bfloat16")
+    bf16 = load_file(str(bf16_dir / "model.safetensors"))
+    assert set(bf16) == set(fp32) and all(t.dtype == torch.bfloat16 for t in bf16.values())
+    assert all(torch.equal(bf16[k], fp32[k].to(torch.bfloat16)) for k in fp32)
+    assert "saved in bfloat16" in (bf16_dir / "README.md").read_text()
