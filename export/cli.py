@@ -73,6 +73,13 @@ def _add_optimize_arguments(p: argparse.ArgumentParser, *, optimize_default: boo
                         "backend runs the prompt through on CPU: faster time to first token, more memory")
     g.add_argument("--block-size", type=int, default=None,
                    help="MatMulNBits quantization block along K (16-256; default: 128 for int8, 32 for int4)")
+    g.add_argument("--method", choices=("rtn", "gptq"), default=OptimizeOptions.method,
+                   help="with --quantize: how weights are rounded: rtn (nearest level) or gptq (each rounding "
+                        "error compensated on calibration prompts run through the fp32 export; slower to build, "
+                        "closer to fp32 at int4)")
+    g.add_argument("--calibration-prompts", type=positive_int, default=OptimizeOptions.calibration_prompts,
+                   help="with --method gptq: grounded prompts on synthetic frames (plus their fp32 answers) that "
+                        "calibrate the rounding")
     g.add_argument("--validate-variant", action=argparse.BooleanOptionalAction, default=OptimizeOptions.validate,
                    help="compare the variant with the fp32 graphs (vision cosine, token agreement, teacher-forced "
                         "logits) and write the numbers into the manifest")
@@ -89,7 +96,8 @@ def _optimize_options(args: argparse.Namespace):
         return None
     return OptimizeOptions(fuse=args.optimize, quantize=quantize, quantize_vision=args.quantize_vision,
                            prefill_graph=args.prefill_graph, block_size=args.block_size, validate=args.validate_variant,
-                           validation_prompts=args.validation_prompts)
+                           validation_prompts=args.validation_prompts, method=args.method,
+                           calibration_prompts=args.calibration_prompts)
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:

@@ -102,6 +102,11 @@ class OptimizeOptions:
     # with quantize: also write decoder_prefill.onnx, the decoder with per-column int8 DynamicQuantizeMatMul
     # GEMMs for the prompt (MatMulNBits is the faster kernel for one row, this one for many)
     prefill_graph: bool = True
+    # decoder weight rounding: "rtn" (nearest level) or "gptq" (error-compensated on calibration sequences:
+    # export.calibrate); both on the same symmetric grid and the same MatMulNBits nodes
+    method: str = "rtn"
+    calibration_prompts: int = 16  # gptq: grounded prompts + their fp32 answers (other frames than validation's)
+    gptq_damp: float = 0.01  # gptq: H's diagonal dampening, a fraction of its mean
     validate: bool = True
     validation_prompts: int = 4
     validation_tokens: int = 32
@@ -119,6 +124,16 @@ class OptimizeOptions:
             raise EdgeVitError("validation needs at least one prompt and one token")
         if not self.fuse and self.quantize is None:
             raise EdgeVitError("nothing to do: pass --optimize and/or --quantize int8|int4")
+        if self.method not in ("rtn", "gptq"):
+            raise EdgeVitError(f"--method must be rtn or gptq, got '{self.method}'")
+        if self.method == "gptq" and self.quantize is None:
+            raise EdgeVitError("--method gptq rounds quantized weights: add --quantize int4 (or int8)")
+        if self.method == "gptq" and not self.symmetric:
+            raise EdgeVitError("--method gptq writes the symmetric grid; it cannot be combined with zero points")
+        if self.calibration_prompts < 1:
+            raise EdgeVitError("GPTQ needs at least one calibration prompt")
+        if not 0 < self.gptq_damp < 1:
+            raise EdgeVitError(f"GPTQ dampening must be in (0, 1), got {self.gptq_damp}")
 
     @property
     def block(self) -> int:
@@ -129,7 +144,8 @@ class OptimizeOptions:
 
     @property
     def variant(self) -> str:
-        return (self.quantize.value if self.quantize else "fp32") + ("-fused" if self.fuse else "")
+        return ((self.quantize.value if self.quantize else "fp32") + ("-gptq" if self.method == "gptq" else "") +
+                ("-fused" if self.fuse else ""))
 
 
 @dataclass(frozen=True)
@@ -653,28 +669,48 @@ def _replace_weight_matmuls(model, replace) -> int:
     return count
 
 
-def quantize_matmul_nbits(model, bits: int, block_size: int, symmetric: bool, accuracy_level: int) -> int:
+def quantize_matmul_nbits(model, bits: int, block_size: int, symmetric: bool, accuracy_level: int,
+                          hessians: dict | None = None, damp: float = 0.01, report: dict | None = None) -> int:
     """Every MatMul with a 2-D fp32 initializer weight -> com.microsoft ``MatMulNBits``; returns the count.
 
     Block-wise along K with ONNX Runtime's own packing kernels (what ``MatMulNBitsQuantizer`` calls,
     without its onnx_ir dependency). Symmetric: no zero points (int4 centre 8, int8 centre 128).
+    ``hessians`` (activation name -> [K, K], from ``export.calibrate.matmul_hessians``): GPTQ instead of
+    round-to-nearest, on the same symmetric grid, for every MatMul whose input has one; ``report`` then
+    receives each weight's calibration output error relative to round-to-nearest.
     """
     import numpy as np
     from onnx import helper, numpy_helper
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
+    from export import calibrate
+
     pack = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[bits]
+    activation = calibrate.weight_matmul_inputs(model) if hessians else {}
+    if hessians and not symmetric:
+        raise EdgeVitError("GPTQ here writes the symmetric grid; drop the asymmetric setting")
 
     def replace(node, weight, weight_name):
         k, n = weight.shape
         blocks = -(-k // block_size)
-        if blocks * block_size != k:
-            weight = np.pad(weight, ((0, blocks * block_size - k), (0, 0)))
-        per_byte = 8 // bits
-        packed = np.zeros((n, blocks, block_size // per_byte), dtype=np.uint8)
-        zero_points = np.zeros((n, -(-blocks // per_byte)), dtype=np.uint8)
-        scales = np.zeros((n, blocks), dtype=np.float32)
-        pack(packed, np.ascontiguousarray(weight, dtype=np.float32), scales, zero_points, block_size, n, k, symmetric)
+        hessian = hessians.get(activation.get(node.name)) if hessians else None
+        if hessian is not None:
+            codes, scales = calibrate.gptq_codes(weight, hessian, bits, block_size, damp)
+            packed, zero_points = calibrate.pack_codes(codes, bits), None
+            if report is not None:
+                rtn = calibrate.dequantize(*calibrate.rtn_codes(weight, bits, block_size), bits, k)
+                gptq = calibrate.dequantize(codes, scales, bits, k)
+                report[node.name] = (calibrate.squared_output_error(weight, gptq, hessian) /
+                                     max(calibrate.squared_output_error(weight, rtn, hessian), 1e-30))
+        else:
+            if blocks * block_size != k:
+                weight = np.pad(weight, ((0, blocks * block_size - k), (0, 0)))
+            per_byte = 8 // bits
+            packed = np.zeros((n, blocks, block_size // per_byte), dtype=np.uint8)
+            zero_points = np.zeros((n, -(-blocks // per_byte)), dtype=np.uint8)
+            scales = np.zeros((n, blocks), dtype=np.float32)
+            pack(packed, np.ascontiguousarray(weight, dtype=np.float32), scales, zero_points, block_size, n, k,
+                 symmetric)
         name = f"{weight_name}_q{bits}"
         inits = [numpy_helper.from_array(packed, name), numpy_helper.from_array(scales, name + "_scales")]
         inputs = [node.input[0], name, name + "_scales"]
@@ -821,8 +857,24 @@ def optimize_onnx_folder(onnx_dir: str | Path, out_dir: str | Path, options: Opt
             (out / f"{io_spec.DECODER_PREFILL}_data").unlink(missing_ok=True)
         if options.quantize is not None:
             bits = 8 if options.quantize is Quantization.INT8 else 4
+            hessians, errors = None, {}
+            if options.method == "gptq":
+                from export import calibrate
+
+                t_cal = time.perf_counter()
+                feeds = calibrate.calibration_sequences(source, options.calibration_prompts,
+                                                        skip=options.validation_prompts, threads=options.threads)
+                hessians = calibrate.matmul_hessians(model, feeds, Path(tmp), threads=options.threads)
+                gptq_report = {"calibration_sequences": len(feeds),
+                               "calibration_tokens": int(sum(f["inputs_embeds"].shape[1] for f in feeds)),
+                               "calibration_seconds": round(time.perf_counter() - t_cal, 1)}
             fusions["MatMulNBits"] = quantize_matmul_nbits(model, bits, options.block, options.symmetric,
-                                                           options.accuracy_level)
+                                                           options.accuracy_level, hessians=hessians,
+                                                           damp=options.gptq_damp, report=errors)
+            if hessians is not None:
+                ratios = sorted(errors.values())
+                gptq_report.update(weights=len(ratios), output_error_vs_rtn={
+                    "median": round(ratios[len(ratios) // 2], 4), "max": round(ratios[-1], 4)} if ratios else None)
             precision[io_spec.DECODER] = options.quantize.value
         counts[io_spec.DECODER] = _write_graph(model, io_spec.DECODER, io, before, out, Path(tmp))
         del model
@@ -851,6 +903,8 @@ def optimize_onnx_folder(onnx_dir: str | Path, out_dir: str | Path, options: Opt
 
     settings = _settings(options)
     optimized = {**manifest, "graph_bytes": _graph_bytes(out), "logits": "last"}
+    if options.quantize is not None and options.method == "gptq":
+        settings["decoder"]["gptq"] = gptq_report
     optimized["optimization"] = {
         "variant": options.variant, "source_onnx_dir": source_label or str(source), "fused": options.fuse,
         "precision": precision, "settings": settings, "fusions": fusions, "op_counts": counts,
@@ -914,7 +968,10 @@ def _settings(options: OptimizeOptions) -> dict[str, Any]:
     if options.quantize is not None:
         settings["decoder"] = {"method": "MatMulNBits weight-only", "bits": 8 if options.quantize is Quantization.INT8
                                else 4, "block_size": options.block, "symmetric": options.symmetric,
-                               "accuracy_level": options.accuracy_level, "lm_head": "quantized"}
+                               "accuracy_level": options.accuracy_level, "lm_head": "quantized",
+                               "rounding": options.method}
+        if options.method == "gptq":
+            settings["decoder"]["gptq_damp"] = options.gptq_damp
         settings["decoder_prefill"] = ({"graph": io_spec.DECODER_PREFILL, "method": "DynamicQuantizeMatMul",
                                         "weights": "int8 per column, symmetric", "activations": "uint8 per tensor",
                                         "used_for": "the prompt (sequence > 1) on CPU"}

@@ -312,3 +312,112 @@ def test_real_size_int8_decoder_agrees_with_fp32_on_teacher_forced_tokens(tmp_pa
     assert forced["positions"] == 128
     assert forced["top1_agreement"] >= 0.78 and forced["logits_cosine_mean"] >= 0.995, forced
     assert result.validation["vision"]["cosine_min"] >= 0.99
+
+
+# ---------------------------------------------------------------- GPTQ (export.calibrate)
+
+
+def _matmul_model(weight):
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])], [numpy_helper.from_array(weight, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_our_symmetric_grid_is_the_one_onnx_runtime_packs(bits):
+    """rtn_codes + pack_codes give byte for byte what ONNX Runtime's own symmetric packer writes (so GPTQ's
+    codes land in MatMulNBits on the grid it dequantizes), and dequantize is what the kernel computes."""
+    import onnxruntime as ort
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    from export import calibrate
+    from export.optimize import quantize_matmul_nbits
+
+    rng = np.random.default_rng(1)
+    k, n, block = 96, 40, 32
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    weight[:, 3] = 0.0  # an all-zero column
+    codes, scales = calibrate.rtn_codes(weight, bits, block)
+    packed = np.zeros((n, k // block, block * bits // 8), np.uint8)
+    ort_scales = np.zeros((n, k // block), np.float32)
+    pack = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[bits]
+    pack(packed, np.ascontiguousarray(weight), ort_scales, np.zeros((n, 1), np.uint8), block, n, k, True)
+    np.testing.assert_array_equal(calibrate.pack_codes(codes, bits), packed)
+    live = np.ones_like(scales, bool)
+    live[3] = False  # the all-zero column: ONNX Runtime writes scale 0, we write 1 (GPTQ divides by it); codes alike
+    np.testing.assert_allclose(scales[live], ort_scales[live], rtol=1e-6)
+    model = _matmul_model(weight)
+    quantize_matmul_nbits(model, bits, block, True, 0)
+    x = rng.standard_normal((1, 5, k)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ calibrate.dequantize(codes, scales, bits, k), rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_rounding_lowers_the_output_error_on_its_calibration_data():
+    """On correlated inputs GPTQ's int4 codes change the layer's output less than round-to-nearest does (what it
+    minimizes), through ONNX Runtime's MatMulNBits; K not a multiple of the block is padded; dead inputs are
+    tolerated."""
+    import onnxruntime as ort
+
+    from export import calibrate
+    from export.optimize import quantize_matmul_nbits
+
+    rng = np.random.default_rng(0)
+    k, n = 80, 24
+    mix = rng.standard_normal((k, k)) * 0.3 + np.eye(k)
+    x = (rng.standard_normal((400, k)) @ mix).astype(np.float32)  # correlated features
+    x[:, 5] = 0.0  # an input that never fires
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    hessian = x.astype(np.float64).T @ x
+    codes, scales = calibrate.gptq_codes(weight, hessian, bits=4, block_size=32)
+    assert codes.shape == (n, 3, 32) and scales.shape == (n, 3) and codes.max() <= 15
+    gptq = calibrate.dequantize(codes, scales, 4, k)
+    rtn = calibrate.dequantize(*calibrate.rtn_codes(weight, 4, 32), 4, k)
+    e_gptq, e_rtn = (calibrate.squared_output_error(weight, w, hessian) for w in (gptq, rtn))
+    assert e_gptq < 0.7 * e_rtn
+    model = _matmul_model(weight)
+    report = {}
+    assert quantize_matmul_nbits(model, 4, 32, True, 0, hessians={"x": hessian}, report=report) == 1
+    assert report["mm"] == pytest.approx(e_gptq / e_rtn)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x[None]})[0][0]
+    np.testing.assert_allclose(got, x @ gptq, rtol=1e-3, atol=1e-3)
+    with pytest.raises(Exception, match="symmetric"):
+        quantize_matmul_nbits(_matmul_model(weight), 4, 32, False, 0, hessians={"x": hessian})
+
+
+def test_gptq_variant_of_a_tiny_export(exported, tmp_path):
+    """--method gptq end to end on the tiny Idefics3: calibration sequences from the fp32 export (other frames than
+    the validation's), a Hessian per weight input, GPTQ on every decoder weight; the variant loads and generates,
+    and its manifest reports the calibration and the output error against round-to-nearest."""
+    options = OptimizeOptions(quantize=Quantization.INT4, method="gptq", calibration_prompts=3, validation_prompts=2,
+                              threads=2, prefill_graph=False)
+    result = optimize_onnx_folder(exported["idefics3"], tmp_path / "gptq", options)
+    manifest = json.loads((result.out_dir / io_spec.MANIFEST).read_text())["optimization"]
+    assert manifest["variant"] == "int4-gptq-fused"
+    decoder = manifest["settings"]["decoder"]
+    assert decoder["rounding"] == "gptq" and decoder["gptq"]["calibration_sequences"] == 3
+    assert decoder["gptq"]["weights"] == result.op_counts[io_spec.DECODER]["after"]["MatMulNBits"]
+    assert decoder["gptq"]["output_error_vs_rtn"]["median"] < 1.0
+    vlm = load_vlm(str(result.out_dir), Backend.ONNX, threads=2)
+    frame = np.random.default_rng(2).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    steps = list(vlm.generate(frame, "How many circles are there?", GenerationConfig(max_new_tokens=6,
+                                                                                      min_new_tokens=6)))
+    assert steps[-1].stats.new_tokens == 6
+
+
+def test_gptq_bad_options_are_clear_errors(exported, tmp_path):
+    """GPTQ without --quantize is a one-line error; --calibration-prompts 0 is argparse's own error; exit 2."""
+    r = run_cli("export", "optimize", "--onnx-dir", str(exported["idefics3"]), "--out", str(tmp_path / "o"),
+                "--method", "gptq")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "--method gptq rounds quantized weights: add --quantize" in r.stderr
+    r = run_cli("export", "optimize", "--onnx-dir", str(exported["idefics3"]), "--out", str(tmp_path / "o"),
+                "--quantize", "int4", "--method", "gptq", "--calibration-prompts", "0")
+    assert r.returncode == 2 and "argument --calibration-prompts: must be >= 1" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists()
