@@ -159,8 +159,28 @@ def _add_demo_models(sub) -> None:
                         "default: the shipped recipe, a small text model trained from scratch")
     r.add_argument("--base-lm-layers", type=positive_int, default=None, help="keep only its first N layers")
     r.add_argument("--threads", type=positive_int, default=None, help="torch threads for the VLM steps")
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--recipe", default=None, metavar="YAML",
+                   help="a YAML mapping of DemoRecipe fields that replace the recipe's (after --quick / --base-lm), "
+                        "e.g. finetune/recipes/demo_models_gpu.yaml")
+    r.add_argument("--device", default="cpu",
+                   help="torch device of the detector training, stage 0 and the evaluations (cpu, cuda, cuda:N)")
     r.set_defaults(func=cmd_demo_models)
+
+
+def _read_recipe(path: str) -> dict:
+    import yaml
+
+    from edge_vit.errors import EdgeVitError
+
+    try:
+        values = yaml.safe_load(open(path, encoding="utf-8"))
+    except OSError as exc:
+        raise EdgeVitError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise EdgeVitError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise EdgeVitError(f"{path}: a recipe is a mapping of DemoRecipe fields")
+    return values
 
 
 def cmd_demo_models(args: argparse.Namespace) -> int:
@@ -178,6 +198,8 @@ def cmd_demo_models(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("det_init", args.detector_init), ("det_hours", args.detector_hours),
                                    ("threads", args.threads)) if v is not None}
     recipe = dataclasses.replace(recipe, **overrides)
+    if args.recipe:
+        recipe = recipe.with_overrides(_read_recipe(args.recipe))
     steps = tuple(s.strip() for s in args.steps.split(",") if s.strip()) + (("install",) if args.install else ())
     summary = run_demo_models(args.out, recipe, steps=steps, device=args.device)
     print(json.dumps({k: summary.get(k) for k in ("seconds", "pretrain")}))

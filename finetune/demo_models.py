@@ -17,13 +17,19 @@ The steps, each resumable (a step whose output exists is skipped):
    With ``size_words_from_round``, the same samples once more with size words
    in the grounding (``instruct-sizes``), for the stage-2 rounds from that one on.
    ``instruct-dense``: one conversation per scene of ``dense_turns`` questions,
-   up to ``dense_per_kind`` of each kind, for stage 0.
+   up to ``dense_per_kind`` of each kind, for stage 0. With ``pretrain_scenes``,
+   ``instruct-stage0``: that many more scenes rendered in memory only (no
+   images written), two dense conversations and a description of each, for
+   stage 0 alone.
 4. ``base``: the base VLM. An Idefics3 (SmolVLM architecture) of a small
    config with a byte-level BPE tokenizer trained on the instruction text,
    whose language model is then pretrained (all its weights, causal LM loss,
    text only) on ``pretrain_data``: the dense conversations and the
    descriptions as text-only chats (grounding, question, answer; no image),
-   in ``pretrain_rounds`` (each a fresh schedule on the last round's weights).
+   in ``pretrain_rounds`` (each a fresh schedule on the last round's weights),
+   on ``--device`` (a GPU: bf16 autocast), each round cut to ``pretrain_hours``
+   if set. Resumable: ``base.tmp`` keeps the tokenized texts and the finished
+   rounds, so a folder prepared here can finish stage 0 on a GPU machine.
    The stand-in for the instruction-tuned LLM that SmolVLM starts from: it has
    learned to read an answer off the grounding before it sees an image. (A
    stage 0 of descriptions alone left a language model that bound an object
@@ -55,6 +61,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -64,7 +71,8 @@ from typing import Any
 
 from edge_vit.errors import EdgeVitError
 
-__all__ = ["DemoRecipe", "STEPS", "VARIANTS", "build_demo_vlm", "pretrain_texts", "pretrain_text", "run_demo_models", "ASSETS"]
+__all__ = ["DemoRecipe", "STEPS", "VARIANTS", "TokenCorpus", "build_demo_vlm", "pretrain_texts", "pretrain_text",
+           "run_demo_models", "ASSETS"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +133,16 @@ class DemoRecipe:
     # 73.2% overall, counting 86.5 -> 91.5% (on a second seed 70.9 -> 71.5%, counting 86.0 -> 92.0%).
     pretrain_rounds: tuple[tuple[int, float], ...] = ((2500, 2e-3), (3000, 1e-3))
     pretrain_batch: int = 16
+    # Wall-clock limit of each stage-0 round in hours (0: none). As Ultralytics' ``time``: after a few timed
+    # steps the round's schedule is shortened to the steps that fit; the report says how many ran.
+    pretrain_hours: float = 0.0
+    # "auto": bf16 autocast on a CUDA device, fp32 on the CPU (as the shipped recipe trained); "fp32"; "bf16"
+    # (autocast on either; this CPU's AVX-512 BF16 makes a stage-0 step 1.5x faster).
+    pretrain_precision: str = "auto"
+    # Shapes-world scenes rendered in memory only for stage 0 (folder instruct-stage0, seed shapes_seed + 2000,
+    # no images written): each gives two dense conversations and a description, grounded as the demo VLM is
+    # (final_grounding). 0: none.
+    pretrain_scenes: int = 0
     # What stage 0 reads, as text-only chats (pretrain_texts): (data folder, sample kinds). instruct-dense:
     # one conversation per scene of dense_turns questions, up to dense_per_kind of each kind; a quarter of them
     # bind an object to its line ("What colour is the square at bottom?"), 2.4 per scene against 1.3 in the
@@ -180,6 +198,21 @@ class DemoRecipe:
                    stage1_lr=1e-3, stage2_rounds=((100, 2e-4),), save_dtype="bfloat16", ship="int8",
                    export_prefill_graph=False, export_atol=1e-2)
 
+    def with_overrides(self, values: dict) -> "DemoRecipe":
+        """This recipe with ``values`` (field -> value, e.g. read from a YAML file) replacing its fields; lists
+        become tuples, as the fields hold them. An unknown field is an EdgeVitError naming it."""
+        from dataclasses import fields
+
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise EdgeVitError(f"unknown demo recipe field(s): {', '.join(unknown)}")
+
+        def frozen(v):
+            return tuple(frozen(x) for x in v) if isinstance(v, list) else v
+
+        return replace(self, **{k: frozen(v) for k, v in values.items()})
+
     def grounding(self, round_: int | None = None):
         """The grounding of stage-2 round ``round_`` (None: stages 0 and 1); the last round's is the demo VLM's."""
         from edge_vit.grounding import GroundingConfig
@@ -196,6 +229,14 @@ class DemoRecipe:
         """The instruction data folder that stage-2 round ``round_`` trains on."""
         return "instruct-sizes" if self.grounding(round_).size_words else "instruct"
 
+
+STAGE0_STATE, STAGE0_TOKENS = "stage0.json", "stage0_tokens.npz"  # in base.tmp while stage 0 runs
+# The recipe's settings that make the base VLM (stage 0 included): a base.tmp built with others is rebuilt.
+_BASE_FIELDS = ("seed", "shapes_seed", "vlm_images", "vocab_size", "tile", "hidden", "layers", "heads", "kv_heads",
+                "intermediate", "vision_hidden", "vision_layers", "base_lm", "base_lm_layers", "pretrain_data",
+                "pretrain_scenes", "dense_turns", "dense_per_kind", "size_words_from_round")
+# ...and those of its rounds: changing them only matters once a round has moved the weights.
+_ROUND_FIELDS = ("pretrain_rounds", "pretrain_batch", "pretrain_precision")
 
 # ---------------------------------------------------------------- the base VLM
 
@@ -269,20 +310,96 @@ def pretrain_texts(instruct_json: Path, processor: Any, kinds: tuple[str, ...]) 
     return texts
 
 
-def pretrain_text(model_dir: Path, texts: list[str], recipe: DemoRecipe, log_path: Path | None = None,
-                  round_: int = 0) -> dict:
-    """Stage 0 round ``round_``: causal-LM training of the language model's weights (all of them) on ``texts``,
-    with the round's steps and peak lr and seed + round, saved in place."""
+@dataclass(frozen=True)
+class TokenCorpus:
+    """Stage 0's texts, tokenized once: every text's ids end to end (``ids``) and where each starts (``offsets``,
+    one more than there are texts). Saved beside the base model while stage 0 runs, so a resumed run (or one
+    moved to a GPU machine) does not tokenize again."""
+
+    ids: Any  # np.ndarray [total] uint16 (int32 for vocabularies over 65,536)
+    offsets: Any  # np.ndarray [texts + 1] int64
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @classmethod
+    def from_texts(cls, tokenizer: Any, texts: list[str], chunk: int = 20000) -> "TokenCorpus":
+        """``texts`` tokenized without special tokens (the chat template opens with bos), ``chunk`` at a time:
+        the token lists of a whole stage-0 corpus (120M tokens) would take tens of GB as Python ints."""
+        import itertools
+
+        import numpy as np
+
+        dtype = np.uint16 if len(tokenizer) <= 2 ** 16 else np.int32
+        parts, lengths = [np.zeros(0, dtype)], []
+        for a in range(0, len(texts), chunk):
+            encoded = tokenizer(texts[a:a + chunk], add_special_tokens=False)["input_ids"]
+            lengths.extend(len(e) for e in encoded)
+            parts.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype))
+        offsets = np.zeros(len(lengths) + 1, np.int64)
+        offsets[1:] = np.cumsum(lengths)
+        return cls(np.concatenate(parts), offsets)
+
+    @classmethod
+    def concatenate(cls, corpora: list["TokenCorpus"]) -> "TokenCorpus":
+        import numpy as np
+
+        starts = np.cumsum([0] + [int(c.offsets[-1]) for c in corpora[:-1]])
+        offsets = np.concatenate([[0]] + [c.offsets[1:] + s for c, s in zip(corpora, starts)])
+        return cls(np.concatenate([c.ids for c in corpora]), offsets.astype(np.int64))
+
+    def save(self, path: Path) -> None:
+        import numpy as np
+
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, ids=self.ids, offsets=self.offsets)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "TokenCorpus":
+        import numpy as np
+
+        with np.load(path) as f:
+            return cls(f["ids"], f["offsets"])
+
+    def batch(self, idx: list[int], pad_id: int) -> tuple[Any, Any]:
+        """(ids [B, T] int64, attention mask [B, T]) of texts ``idx``, right-padded to the longest."""
+        import torch
+
+        starts, ends = self.offsets[idx], self.offsets[[i + 1 for i in idx]]
+        width = int((ends - starts).max())
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
+            ids[r, :b - a] = torch.from_numpy(self.ids[a:b].astype("int64"))
+            mask[r, :b - a] = 1
+        return ids, mask
+
+
+def pretrain_text(model_dir: Path, corpus: TokenCorpus, recipe: DemoRecipe, log_path: Path | None = None,
+                  round_: int = 0, device: str = "cpu") -> dict:
+    """Stage 0 round ``round_``: causal-LM training of the language model's weights (all of them) on ``corpus``,
+    with the round's steps and peak lr and seed + round, saved in place.
+
+    On a CUDA device the loss is read back every 100 steps rather than every step, and AdamW is fused;
+    ``recipe.pretrain_precision`` says whether forward and backward run under bf16 autocast (fp32 master
+    weights). ``recipe.pretrain_hours`` > 0 shortens the round's schedule to the steps that fit that time.
+    """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from finetune.train import lr_factor
 
-    if not texts:
+    if len(corpus) == 0:
         raise EdgeVitError("stage 0: no samples of the recipe's pretrain_data to pretrain on")
-    processor = AutoProcessor.from_pretrained(model_dir)
-    tok = processor.tokenizer
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise EdgeVitError(f"stage 0: --device {device}, but torch sees no CUDA GPU")
+    if recipe.pretrain_precision not in ("auto", "fp32", "bf16"):
+        raise EdgeVitError(f"stage 0: pretrain_precision must be auto, fp32 or bf16, got {recipe.pretrain_precision!r}")
+    bf16 = recipe.pretrain_precision == "bf16" or (recipe.pretrain_precision == "auto" and cuda)
+    pad_id = AutoProcessor.from_pretrained(model_dir).tokenizer.pad_token_id
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).to(device)
     text_model, lm_head = model.model.text_model, model.lm_head
     params = [p for p in [*text_model.parameters(), *lm_head.parameters()]]
     for p in model.parameters():
@@ -290,46 +407,108 @@ def pretrain_text(model_dir: Path, texts: list[str], recipe: DemoRecipe, log_pat
     for p in params:
         p.requires_grad_(True)
     steps, lr = recipe.pretrain_rounds[round_]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup=warmup, total=steps, min_ratio=0.1))
-    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]  # the chat template opens with bos
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=cuda)
+    plan = {"total": steps, "warmup": max(1, steps // 20)}  # the time limit may shorten both
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, warmup=plan["warmup"], total=plan["total"], min_ratio=0.1))
     g = torch.Generator().manual_seed(recipe.seed + round_)
     model.train()
-    losses, t0 = [], time.perf_counter()
+    losses: list[float] = []
+    pending: list[Any] = []  # loss tensors not read back yet
+    limit_s = recipe.pretrain_hours * 3600
+    timed_from, timed_steps = 10, 40  # steps whose duration sets the schedule under a time limit
+    t0 = time.perf_counter()
+    t_timed = None
     log_f = open(log_path, "w", encoding="utf-8") if log_path else None
+
+    def read_back() -> None:
+        values = torch.stack(pending).tolist() if pending else []
+        pending.clear()
+        for v in values:
+            losses.append(v)
+            if log_f:
+                log_f.write(json.dumps({"step": len(losses), "loss": round(v, 5)}) + "\n")
+
     try:
-        for step in range(steps):
-            idx = torch.randint(len(encoded), (recipe.pretrain_batch,), generator=g).tolist()
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
-                mask[r, :len(encoded[i])] = 1
+        step = 0
+        while step < plan["total"]:
+            if limit_s and step == timed_from:
+                if cuda:
+                    torch.cuda.synchronize()
+                t_timed = time.perf_counter()
+            if limit_s and step == timed_from + timed_steps:
+                if cuda:
+                    torch.cuda.synchronize()
+                per_step = (time.perf_counter() - t_timed) / timed_steps
+                fits = step + int((limit_s - (time.perf_counter() - t0)) / per_step)
+                plan["total"] = max(step + 1, min(steps, fits))
+                plan["warmup"] = max(1, min(plan["warmup"], plan["total"] // 20))
+            idx = torch.randint(len(corpus), (recipe.pretrain_batch,), generator=g).tolist()
+            ids, mask = corpus.batch(idx, pad_id)
+            ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             labels = ids.masked_fill(mask == 0, -100)
-            hidden = text_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            logits = lm_head(hidden[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                                     ignore_index=-100)
+            with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=bf16):
+                hidden = text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+                logits = lm_head(hidden[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                         labels[:, 1:].reshape(-1), ignore_index=-100)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            losses.append(loss.item())
-            if log_f:
-                log_f.write(json.dumps({"step": step + 1, "loss": round(losses[-1], 5)}) + "\n")
-            if (step + 1) % 100 == 0 or step + 1 == steps:
-                print(f"stage 0 round {round_ + 1}/{len(recipe.pretrain_rounds)}: step {step + 1}/{steps} loss {sum(losses[-100:]) / len(losses[-100:]):.4f}",
-                      file=sys.stderr, flush=True)
+            pending.append(loss.detach())
+            step += 1
+            if not cuda or step % 100 == 0 or step == plan["total"]:
+                read_back()
+            if step % 100 == 0 or step == plan["total"]:
+                print(f"stage 0 round {round_ + 1}/{len(recipe.pretrain_rounds)}: step {step}/{plan['total']} "
+                      f"loss {sum(losses[-100:]) / len(losses[-100:]):.4f}", file=sys.stderr, flush=True)
     finally:
         if log_f:
             log_f.close()
     model.eval()
-    model.save_pretrained(model_dir, safe_serialization=True)
-    return {"steps": steps, "lr": lr, "texts": len(texts), "first_loss": losses[0], "final_loss":
-            sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.perf_counter() - t0, 1)}
+    model.to("cpu").save_pretrained(model_dir, safe_serialization=True)
+    report = {"steps": len(losses), "lr": lr, "texts": len(corpus), "first_loss": losses[0],
+              "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.perf_counter() - t0, 1),
+              "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+              "precision": "bf16" if bf16 else "fp32"}
+    if len(losses) < steps:
+        report["planned_steps"] = steps  # shortened by pretrain_hours
+    return report
+
+
+def prepare_stage0(out: Path, recipe: DemoRecipe) -> tuple[Path, TokenCorpus, dict]:
+    """``out/base.tmp`` ready for stage 0: the base VLM built (build_demo_vlm), the stage-0 texts tokenized
+    (STAGE0_TOKENS) and the state (STAGE0_STATE: the recipe's base settings, the base LM report, each finished
+    round's report). Returns (folder, tokens, state).
+
+    What is there already is kept, so a stopped stage 0 resumes after its last finished round, and a folder
+    prepared on one machine can finish on another (a GPU's); a base.tmp of other base settings is rebuilt.
+    """
+    tmp = out / "base.tmp"
+    state_path, tokens_path = tmp / STAGE0_STATE, tmp / STAGE0_TOKENS
+    key, rounds_key = (json.loads(json.dumps({k: getattr(recipe, k) for k in fields}))
+                       for fields in (_BASE_FIELDS, _ROUND_FIELDS))
+    state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {}
+    if state.get("recipe") != key or (state["rounds"] and state.get("rounds_recipe") != rounds_key):
+        shutil.rmtree(tmp, ignore_errors=True)
+        report = build_demo_vlm(tmp, _corpus(out / "instruct" / "instruct.json"), recipe)[1]
+        state = {"recipe": key, "base_lm": report, "rounds": []}
+    state["rounds_recipe"] = rounds_key
+    state_path.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+    if tokens_path.is_file():
+        return tmp, TokenCorpus.load(tokens_path), state
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tmp)
+    # one folder at a time: a folder's JSON is let go before the next one is read
+    corpus = TokenCorpus.concatenate([TokenCorpus.from_texts(processor.tokenizer, pretrain_texts(
+        out / folder / "instruct.json", processor, kinds)) for folder, kinds in recipe.pretrain_data])
+    if len(corpus) == 0:
+        raise EdgeVitError("stage 0: no samples of the recipe's pretrain_data to pretrain on")
+    corpus.save(tokens_path)
+    return tmp, corpus, state
 
 
 # ---------------------------------------------------------------- steps
@@ -456,7 +635,7 @@ def run_demo_models(out: str | Path, recipe: DemoRecipe = DemoRecipe(), steps: t
     """Run ``steps`` (in STEPS order) under ``out``; a step whose output exists is skipped. Returns the summary."""
     import torch
 
-    from finetune.instruct import InstructConfig, SampleKind, build_instruct_data
+    from finetune.instruct import InstructConfig, SampleKind, build_instruct_data, build_instruct_rendered
     from finetune.shapes import ShapesConfig, generate_shapes
     from finetune.teachers import TemplateTeacher, load_prompts
 
@@ -515,24 +694,38 @@ def run_demo_models(out: str | Path, recipe: DemoRecipe = DemoRecipe(), steps: t
                 "instruct-sizes": (teacher, replace(mixed, grounding=recipe.grounding(recipe.size_words_from_round))),
                 "instruct-dense": (dense, InstructConfig(seed=recipe.seed, samples_per_image=1,
                                                          kinds=(SampleKind.CONVERSATION,), grounding=grounding)),
+                # Stage 0 only: two dense conversations and a description of each scene rendered in memory,
+                # grounded as the demo VLM will be (size words too, if its last round has them).
+                "instruct-stage0": (dense, InstructConfig(
+                    seed=recipe.seed, samples_per_image=3, grounding=recipe.final_grounding(),
+                    kinds=(SampleKind.CONVERSATION, SampleKind.CONVERSATION, SampleKind.DETAILED))),
             }
             for name in instruct_dirs:
-                if not (out / name / "instruct.json").is_file():
-                    summary[name.replace("-", "_")] = build_instruct_data(vlm_yaml, out / name, *jobs[name])["counts"]
+                if (out / name / "instruct.json").is_file():
+                    continue
+                if name == "instruct-stage0":
+                    if recipe.pretrain_scenes < 1:
+                        raise EdgeVitError("pretrain_data names instruct-stage0: set pretrain_scenes "
+                                           "(the scenes to render)")
+                    counts = build_instruct_rendered(out / name, *jobs[name], seed=recipe.shapes_seed + 2000,
+                                                     images=recipe.pretrain_scenes, imgsz=recipe.imgsz,
+                                                     workers=os.cpu_count() or 1)["counts"]
+                else:
+                    counts = build_instruct_data(vlm_yaml, out / name, *jobs[name])["counts"]
+                summary[name.replace("-", "_")] = counts
         timed("instruct", instruct)
     base = out / "base"
     if "base" in steps and not (base / "model.safetensors").is_file():
         def build_base():
-            tmp = out / "base.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            summary["base_lm"] = build_demo_vlm(tmp, _corpus(out / "instruct" / "instruct.json"), recipe)[1]
-            from transformers import AutoProcessor
-
-            processor = AutoProcessor.from_pretrained(tmp)
-            texts = [t for folder, kinds in recipe.pretrain_data
-                     for t in pretrain_texts(out / folder / "instruct.json", processor, kinds)]
-            logs = ["pretrain_loss.jsonl", *(f"pretrain_loss_r{k + 1}.jsonl" for k in range(1, len(recipe.pretrain_rounds)))]
-            summary["pretrain"] = [pretrain_text(tmp, texts, recipe, out / log, k) for k, log in enumerate(logs)]
+            tmp, corpus, state = prepare_stage0(out, recipe)
+            summary["base_lm"] = state["base_lm"]
+            for k in range(len(state["rounds"]), len(recipe.pretrain_rounds)):
+                log_name = "pretrain_loss.jsonl" if k == 0 else f"pretrain_loss_r{k + 1}.jsonl"
+                state["rounds"].append(pretrain_text(tmp, corpus, recipe, out / log_name, k, device))
+                (tmp / STAGE0_STATE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+            summary["pretrain"] = state["rounds"]
+            (tmp / STAGE0_TOKENS).unlink()
+            (tmp / STAGE0_STATE).unlink()
             tmp.rename(base)
         timed("base", build_base)
     if "stage1" in steps and not (out / "stage1" / "config.json").is_file():

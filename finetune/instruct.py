@@ -66,6 +66,7 @@ __all__ = [
     "answer_matches",
     "scene_from_record",
     "build_instruct_data",
+    "build_instruct_rendered",
 ]
 
 FORMAT_VERSION = "llava-conversation-v1"
@@ -561,13 +562,43 @@ def build_instruct_data(dataset: str | Path | DataYaml, out_dir: str | Path, tea
     """
     data = dataset if isinstance(dataset, DataYaml) else load_data_yaml(dataset)
     records, report = read_split(data, config.split)
+    source = {
+        "data_yaml": str(data.yaml_path.absolute()),
+        "root": str(data.root),
+        "split": config.split,
+        "hash": dataset_hash(data, records),
+        "names": {str(k): v for k, v in data.names.items()},
+    }
+    counts = {"objects": report.objects, "images_without_labels": report.images_without_labels,
+              "images_with_attributes": report.images_with_attributes}
+    return _write_instruct(records, data.names, out_dir, teacher, config, source, counts, report.skipped_json())
+
+
+def build_instruct_rendered(out_dir: str | Path, teacher: Teacher, config: InstructConfig = InstructConfig(), *,
+                            seed: int, images: int, imgsz: int = 256, labels: str = "colour-shape",
+                            workers: int = 1) -> dict:
+    """:func:`build_instruct_data` of shapes-world scenes rendered in memory (``finetune.shapes.render_records``):
+    the samples a written dataset of that seed would give, without writing ``images`` images first."""
+    from finetune.shapes import GENERATOR_VERSION, class_names, render_records
+
+    records = render_records(seed, images, imgsz, labels, workers=workers)
+    names = dict(enumerate(class_names(labels)))
+    source = {"rendered": {"generator": GENERATOR_VERSION, "seed": seed, "images": images, "imgsz": imgsz,
+                           "labels": labels}, "split": "train", "names": {str(k): v for k, v in names.items()}}
+    counts = {"objects": sum(len(r.boxes) for r in records), "images_without_labels": 0,
+              "images_with_attributes": len(records)}
+    return _write_instruct(records, names, out_dir, teacher, config, source, counts, {})
+
+
+def _write_instruct(records: Sequence[ImageRecord], names: Mapping[int, str], out_dir: str | Path, teacher: Teacher,
+                    config: InstructConfig, source: dict, counts: dict, skipped: dict) -> dict:
     samples = []
     by_kind: Counter = Counter()
     qa_kinds: Counter = Counter()
     failures = 0
     grounded_n = 0
     for record in records:
-        scene = scene_from_record(record, data.names)
+        scene = scene_from_record(record, names)
         h = _stable_int(record.rel)
         for j in range(config.samples_per_image):
             kind = config.kinds[(h + j) % len(config.kinds)]
@@ -589,13 +620,7 @@ def build_instruct_data(dataset: str | Path | DataYaml, out_dir: str | Path, tea
     manifest = {
         "format": FORMAT_VERSION,
         "output": "instruct.json",
-        "dataset": {
-            "data_yaml": str(data.yaml_path.absolute()),
-            "root": str(data.root),
-            "split": config.split,
-            "hash": dataset_hash(data, records),
-            "names": {str(k): v for k, v in data.names.items()},
-        },
+        "dataset": source,
         "teacher": info,
         "prompt_version": info.get("prompt_version"),
         "seed": config.seed,
@@ -605,16 +630,14 @@ def build_instruct_data(dataset: str | Path | DataYaml, out_dir: str | Path, tea
         "grounding": _grounding_json(config.grounding, config.count_tokens),
         "counts": {
             "images": len(records),
-            "objects": report.objects,
-            "images_without_labels": report.images_without_labels,
-            "images_with_attributes": report.images_with_attributes,
+            **counts,
             "samples": len(samples),
             "by_kind": {k.value: by_kind.get(k.value, 0) for k in SampleKind},
             "grounded": grounded_n,
             "ungrounded": len(samples) - grounded_n,
             "qa_by_kind": dict(sorted(qa_kinds.items())),
         },
-        "skipped": {**report.skipped_json(), "teacher_failures": failures},
+        "skipped": {**skipped, "teacher_failures": failures},
     }
     _write_json(out / "manifest.json", manifest)
     return manifest

@@ -55,6 +55,7 @@ __all__ = [
     "render_scene",
     "render_clip",
     "generate_shapes",
+    "render_records",
 ]
 
 GENERATOR_VERSION = "shapes-v1"
@@ -613,3 +614,57 @@ def generate_shapes(out: str | Path, config: ShapesConfig = ShapesConfig(), over
     (out / "shapes.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return ShapesSummary(data_yaml=out / "data.yaml", images=sizes, objects=counts_objects,
                          empty_images=counts_empty, clips=clips, seconds=time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- scenes in memory
+
+
+def _record_parts(seed: int, index: int, imgsz: int, labels: str, min_objects: int,
+                  max_objects: int) -> tuple[str, list[dict], str]:
+    """(YOLO label text, the attributes sidecar's objects, background) of training scene ``index``."""
+    scene = render_scene(_scene_rng(seed, "train", index), imgsz, min_objects, max_objects)
+    return scene.yolo_label_text(labels), [o.to_json() for o in scene.objects], scene.background
+
+
+def _record_parts_chunk(args: tuple) -> list[tuple[str, list[dict], str]]:
+    seed, indices, *rest = args
+    return [_record_parts(seed, i, *rest) for i in indices]
+
+
+def render_records(seed: int, count: int, imgsz: int = 256, labels: str = "colour-shape", *, min_objects: int = 0,
+                   max_objects: int = 6, workers: int = 1) -> list:
+    """``count`` training scenes of the shapes world rendered in memory, nothing written, each as the
+    ``finetune.dataset.ImageRecord`` that reading its written image back would give.
+
+    Scene ``i`` is the one :func:`generate_shapes` would write as ``images/train/{i:06d}.png`` with the same
+    seed: the same label lines (parsed from the same 6-decimal text), the sidecar's objects as each box's
+    attributes (in drawing order, as the sidecar matches them) and the background. For text-only uses that
+    need many more scenes than images are worth writing (stage 0 of the demo VLM). ``workers`` > 1 renders in
+    that many processes; the records do not depend on it.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    from finetune.dataset import ImageRecord, LabelBox, _parse_line
+
+    if count < 1 or workers < 1:
+        raise EdgeVitError(f"shapes: need count >= 1 and workers >= 1, got {count}, {workers}")
+    nc = len(class_names(labels))
+    chunk = 256
+    jobs = [(seed, range(a, min(a + chunk, count)), imgsz, labels, min_objects, max_objects)
+            for a in range(0, count, chunk)]
+    if workers == 1:
+        parts = [p for job in jobs for p in _record_parts_chunk(job)]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            parts = [p for done in pool.map(_record_parts_chunk, jobs) for p in done]
+    records = []
+    for i, (label_text, objects, background) in enumerate(parts):
+        boxes = []
+        for lineno, line in enumerate(label_text.splitlines(), 1):
+            box = _parse_line(line.split(), nc, None)[0]
+            boxes.append(LabelBox(box.class_id, box.cx, box.cy, box.w, box.h, lineno))
+        rel = f"images/train/{i:06d}.png"
+        records.append(ImageRecord(path=Path(rel), rel=rel, image_size=(imgsz, imgsz), boxes=tuple(boxes),
+                                   label_path=None, file_size=0, attributes=tuple(objects),
+                                   scene_attributes={"background": background}))
+    return records

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from edge_vit.errors import EdgeVitError
@@ -107,3 +108,138 @@ def test_cli_unknown_step_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "bogus" in r.stderr
     assert not (tmp_path / "run" / "shapes").exists()  # checked before any step ran
+
+
+def _stage0_recipe(**kw) -> DemoRecipe:
+    values = dict(threads=1, pretrain_scenes=12, pretrain_rounds=((30, 2e-3), (20, 1e-3)),
+                  pretrain_data=(("instruct-dense", ("conversation",)),
+                                 ("instruct-stage0", ("conversation", "detailed"))))
+    return replace(DemoRecipe.quick(), **{**values, **kw})
+
+
+def test_stage0_scenes_tokens_and_a_resumed_round(tmp_path, monkeypatch):
+    """Stage 0 reads scenes rendered in memory (instruct-stage0), tokenized once into base.tmp; a stage 0
+    stopped after its first round resumes with the second (the tokens and the first round kept); base.tmp of
+    other base settings is rebuilt."""
+    import finetune.demo_models as dm
+
+    out = tmp_path / "run"
+    recipe = _stage0_recipe()
+    run_demo_models(out, recipe, steps=("shapes", "instruct"))
+    manifest = json.loads((out / "instruct-stage0" / "manifest.json").read_text())
+    assert manifest["dataset"]["rendered"]["images"] == 12 and manifest["dataset"]["rendered"]["seed"] == 2001
+    assert manifest["counts"]["by_kind"] == {"conversation": 24, "detailed": 12, "reasoning": 0}
+    assert not (out / "instruct-stage0" / "images").exists()
+
+    real, calls = dm.pretrain_text, []
+
+    def stop_in_round_2(model_dir, corpus, recipe, log_path=None, round_=0, device="cpu"):
+        calls.append(round_)
+        if round_ == 1:
+            raise KeyboardInterrupt
+        return real(model_dir, corpus, recipe, log_path, round_, device)
+
+    monkeypatch.setattr(dm, "pretrain_text", stop_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo_models(out, recipe, steps=("base",))
+    state = json.loads((out / "base.tmp" / dm.STAGE0_STATE).read_text())
+    assert len(state["rounds"]) == 1 and (out / "base.tmp" / dm.STAGE0_TOKENS).is_file()
+    corpus = dm.TokenCorpus.load(out / "base.tmp" / dm.STAGE0_TOKENS)
+    dense = json.loads((out / "instruct-dense" / "instruct.json").read_text())
+    assert len(corpus) == len(dense) + 36 and state["rounds"][0]["texts"] == len(corpus)
+    ids, mask = corpus.batch([0, 1], pad_id=0)
+    lengths = np.diff(corpus.offsets)[:2]
+    assert ids.shape == (2, lengths.max()) and mask.sum(1).tolist() == lengths.tolist()
+
+    monkeypatch.setattr(dm, "pretrain_text", real)
+    summary = run_demo_models(out, recipe, steps=("base",))
+    assert calls == [0, 1] and [r["steps"] for r in summary["pretrain"]] == [30, 20]
+    assert summary["pretrain"][0] == state["rounds"][0]  # round 1 was not run again
+    assert (out / "base" / "model.safetensors").is_file() and not (out / "base.tmp").exists()
+    assert not (out / "base" / dm.STAGE0_TOKENS).exists()
+
+    (out / "base").rename(out / "base.tmp")  # a stopped stage 0 of other settings: rebuilt, not resumed
+    (out / "base.tmp" / dm.STAGE0_STATE).write_text(json.dumps(state))
+    tmp, _, fresh = dm.prepare_stage0(out, replace(recipe, pretrain_batch=4))  # a round ran with batch 8
+    assert fresh["rounds"] == [] and fresh["rounds_recipe"]["pretrain_batch"] == 4
+    weights = (tmp / "model.safetensors").stat().st_mtime_ns
+    _, _, same = dm.prepare_stage0(out, replace(recipe, pretrain_batch=2))  # no round yet: nothing to redo
+    assert same["rounds_recipe"]["pretrain_batch"] == 2 and (tmp / "model.safetensors").stat().st_mtime_ns == weights
+    tmp, _, fresh = dm.prepare_stage0(out, replace(recipe, hidden=32))
+    assert fresh["rounds"] == [] and json.loads((tmp / "config.json").read_text())["text_config"]["hidden_size"] == 32
+
+
+def test_stage0_time_limit_shortens_the_round(tmp_path):
+    """pretrain_hours cuts a round's schedule to the steps that fit (as Ultralytics' time=); the report says so."""
+    import finetune.demo_models as dm
+
+    out = tmp_path / "run"
+    recipe = _stage0_recipe(pretrain_rounds=((2000, 2e-3),), pretrain_hours=0.5 / 3600, pretrain_precision="bf16")
+    run_demo_models(out, recipe, steps=("shapes", "instruct"))
+    tmp, corpus, _ = dm.prepare_stage0(out, recipe)
+    report = dm.pretrain_text(tmp, corpus, recipe, tmp_path / "loss.jsonl")
+    assert 50 < report["steps"] < 2000 and report["planned_steps"] == 2000 and report["device"] == "cpu"
+    assert report["precision"] == "bf16"  # autocast on the CPU too when asked
+    with pytest.raises(EdgeVitError, match="pretrain_precision must be auto, fp32 or bf16"):
+        dm.pretrain_text(tmp, corpus, replace(recipe, pretrain_precision="fp16"))
+    assert len((tmp_path / "loss.jsonl").read_text().splitlines()) == report["steps"]
+    assert report["final_loss"] < report["first_loss"]
+
+
+def test_recipe_overrides_from_yaml(tmp_path):
+    """--recipe FILE: DemoRecipe fields from YAML (lists become tuples); the shipped GPU stage-0 file is valid;
+    an unknown field or a file that is not a mapping is a one-line error, exit 2."""
+    from pathlib import Path
+
+    from helpers import run_cli
+
+    shipped = Path(__file__).resolve().parents[1] / "finetune" / "recipes" / "demo" / "stage0_gpu.yaml"
+    import yaml
+
+    recipe = DemoRecipe().with_overrides(yaml.safe_load(shipped.read_text()))
+    assert recipe.pretrain_scenes > 0 and recipe.pretrain_rounds[0][0] > 0 and recipe.pretrain_hours > 0
+    assert ("instruct-stage0", ("conversation", "detailed")) in recipe.pretrain_data
+    hash(recipe)  # still a frozen, hashable recipe (tuples, not lists)
+    for text, message in (("hiddn: 3\n", "unknown demo recipe field(s): hiddn"), ("- 1\n", "a recipe is a mapping"),
+                          ("a: [\n", "not valid YAML")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        r = run_cli("finetune", "demo-models", "--out", str(tmp_path / "run"), "--quick", "--recipe", str(bad))
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _tiny_stage0(tmp_path):
+    """A quick-size base VLM and a small token corpus of its chat texts."""
+    import finetune.demo_models as dm
+
+    texts = [f"User: How many circles are there? Detected objects: {n} red circle.\nAssistant: {n} circles."
+             for n in range(1, 9)]
+    folder, _ = dm.build_demo_vlm(tmp_path / "base", texts, DemoRecipe.quick())
+    from transformers import AutoProcessor
+
+    return folder, dm.TokenCorpus.from_texts(AutoProcessor.from_pretrained(folder).tokenizer, texts)
+
+
+@pytest.mark.gpu
+def test_stage0_on_cuda_learns_like_cpu(tmp_path):
+    """Stage 0 on a CUDA device (bf16 autocast, fused AdamW, losses read back every 100 steps): its first loss is
+    the fp32 CPU loss of the same batch, it learns, and the saved weights are fp32 on disk."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    import finetune.demo_models as dm
+
+    folder, corpus = _tiny_stage0(tmp_path)
+    recipe = replace(DemoRecipe.quick(), pretrain_rounds=((150, 2e-3),), pretrain_batch=8)
+    cpu_dir = tmp_path / "cpu"
+    shutil.copytree(folder, cpu_dir)
+    cpu = dm.pretrain_text(cpu_dir, corpus, replace(recipe, pretrain_rounds=((1, 2e-3),)))
+    report = dm.pretrain_text(folder, corpus, recipe, tmp_path / "loss.jsonl", device="cuda")
+    assert report["device"] == torch.cuda.get_device_name("cuda") and report["steps"] == 150
+    assert report["first_loss"] == pytest.approx(cpu["first_loss"], rel=0.02)
+    assert report["final_loss"] < 0.5 * report["first_loss"]
+    assert len((tmp_path / "loss.jsonl").read_text().splitlines()) == 150
+    assert {t.dtype for t in load_file(folder / "model.safetensors").values()} == {torch.float32}

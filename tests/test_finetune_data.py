@@ -645,3 +645,30 @@ def test_colour_shape_labels_ground_with_colours_and_ask_about_shapes(tmp_path, 
                 assert answer_key(kind, a) == oracle(q, objects), (s["id"], q, a)
                 checked += 1
     assert checked >= 10
+
+
+def test_scenes_rendered_in_memory_give_the_written_datasets_samples(tmp_path, prompts):
+    """build_instruct_rendered (stage 0's scenes, no images written) writes exactly the samples that
+    generate_shapes + build_instruct_data give for the same seed, whatever the number of workers."""
+    from finetune.instruct import build_instruct_rendered
+    from finetune.shapes import render_records
+
+    ds = tmp_path / "cs"
+    generate_shapes(ds, ShapesConfig(images=10, imgsz=160, seed=5, val_fraction=0.0, test_fraction=0.0,
+                                     labels="colour-shape"))
+    written, _ = read_split(load_data_yaml(ds / "data.yaml"), "train")
+    rendered = render_records(5, 10, 160, "colour-shape", workers=2)
+    assert [(r.rel, r.boxes, r.attributes, dict(r.scene_attributes)) for r in rendered] == \
+        [(r.rel, r.boxes, r.attributes, dict(r.scene_attributes)) for r in sorted(written, key=lambda r: r.rel)]
+    assert render_records(5, 10, 160, "colour-shape") == rendered
+    config = InstructConfig(samples_per_image=3, kinds=("conversation", "conversation", "detailed"))
+    from_files = build_instruct_data(ds / "data.yaml", tmp_path / "files", TemplateTeacher(prompts), config)
+    in_memory = build_instruct_rendered(tmp_path / "memory", TemplateTeacher(prompts), config, seed=5, images=10,
+                                        imgsz=160, workers=2)
+    assert (tmp_path / "memory" / "instruct.json").read_text() == (tmp_path / "files" / "instruct.json").read_text()
+    assert in_memory["counts"] == from_files["counts"]
+    assert in_memory["counts"]["by_kind"] == {"conversation": 20, "detailed": 10, "reasoning": 0}
+    assert in_memory["dataset"]["rendered"] == {"generator": "shapes-v1", "seed": 5, "images": 10, "imgsz": 160,
+                                                "labels": "colour-shape"}
+    with pytest.raises(EdgeVitError, match="count >= 1"):
+        render_records(5, 0, 160)

@@ -129,3 +129,20 @@ def test_remote_code_is_off_by_default(tmp_path):
     (custom / "configuration_custom.py").write_text("raise SystemExit('remote code ran')\n")
     with pytest.raises(ModelLoadError):
         load_vlm(str(custom))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["idefics3", "llava"])
+def test_cuda_gives_the_cpu_greedy_tokens(kind, tiny_idefics3, tiny_llava, frame, monkeypatch):
+    """--device cuda: the same prefill/decode path on the GPU (fp32) gives the CPU's 24 greedy tokens."""
+    import torch
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 patch embedding, as on the CPU
+    path = str(tiny_idefics3 if kind == "idefics3" else tiny_llava)
+    cfg = GenerationConfig(max_new_tokens=24, min_new_tokens=24)
+    tokens = {}
+    for device in ("cpu", "cuda"):
+        vlm = load_vlm(path, device=device)
+        assert vlm.device.type == device
+        tokens[device] = [s.token_id for s in vlm.generate(frame, "How many circles are there?", cfg) if not s.done]
+    assert len(tokens["cuda"]) == 24 and tokens["cuda"] == tokens["cpu"]
