@@ -58,8 +58,9 @@ def size_thresholds(text: str) -> tuple[float, float]:
 
 
 def add_grounding_args(group, tokens_help: str = "token budget of the grounding text") -> None:
-    """--positions, --grounding-tokens and --size-words on ``group`` (a parser or an argument group)."""
-    from edge_vit.grounding import PositionStyle
+    """--positions, --grounding-tokens, --size-words and --grounding-order on ``group`` (a parser or an argument
+    group)."""
+    from edge_vit.grounding import ObjectOrder, PositionStyle
 
     group.add_argument("--positions", choices=[s.value for s in PositionStyle], default=PositionStyle.WORDS.value)
     group.add_argument("--grounding-tokens", type=positive_int, default=96, help=tokens_help)
@@ -67,11 +68,15 @@ def add_grounding_args(group, tokens_help: str = "token budget of the grounding 
                        help="say each object's size: small when its box's longer side is below SMALL of the "
                             "frame's shorter side, medium below MEDIUM, else large (off by default; a model "
                             "tuned with them needs them at run time too)")
+    group.add_argument("--grounding-order", choices=[o.value for o in ObjectOrder], default=ObjectOrder.CONFIDENCE.value,
+                       help="which objects are listed first: confidence (default), area, or question (those the "
+                            "instruction names by class, position or size word first; a model tuned with it needs "
+                            "it at run time too)")
 
 
 def grounding_from_args(args: argparse.Namespace):
     """The GroundingConfig that :func:`add_grounding_args`' flags describe."""
-    from edge_vit.grounding import GroundingConfig, PositionStyle
+    from edge_vit.grounding import GroundingConfig, ObjectOrder, PositionStyle
 
     return GroundingConfig(positions=PositionStyle(args.positions), max_tokens=args.grounding_tokens,
-                           size_words=args.size_words)
+                           size_words=args.size_words, order=ObjectOrder(getattr(args, "grounding_order", "confidence")))

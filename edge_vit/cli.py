@@ -177,6 +177,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         argv.append("--agnostic-nms")
     if paths.size_words:
         argv += ["--size-words", ",".join(str(v) for v in paths.size_words)]
+    argv += ["--grounding-order", paths.grounding_order]
     if args.max_frames:
         argv += ["--max-frames", str(args.max_frames)]
     if args.quiet:

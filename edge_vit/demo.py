@@ -162,6 +162,7 @@ class DemoPaths:
     agnostic_nms: bool = DETECTOR_AGNOSTIC_NMS
     grounding_tokens: int = GROUNDING_TOKENS
     size_words: tuple[float, float] | None = None  # as the VLM was tuned (models.json's "grounding")
+    grounding_order: str = "confidence"  # likewise
     vlm_backend: str = "torch"  # "onnx" when the shipped VLM is an export folder (edge-vit export onnx)
 
 
@@ -174,7 +175,8 @@ def demo_paths(workdir: str | Path = ".demo", assets: str | Path | None = None) 
     clip = (assets if bundled else workdir) / CLIP_FILE
     return DemoPaths(assets=assets, detector=assets / DETECTOR_FILE, vlm=assets / VLM_DIR, clip=clip,
                      truth=clip.with_suffix(".jsonl"), jsonl=workdir / "demo.jsonl", video=workdir / "demo.mp4",
-                     size_words=tuned_size_words(assets), vlm_backend=vlm_backend(assets / VLM_DIR))
+                     size_words=tuned_size_words(assets), grounding_order=tuned_order(assets),
+                     vlm_backend=vlm_backend(assets / VLM_DIR))
 
 
 def vlm_backend(folder: Path) -> str:
@@ -191,19 +193,43 @@ def vlm_files(backend: str) -> tuple[str, ...]:
     return ("config.json", *io_spec.GRAPH_FILES) if backend == "onnx" else ("config.json", "model.safetensors")
 
 
+def _tuned_grounding(assets: Path) -> dict:
+    """models.json's "grounding" (the settings the shipped VLM was tuned with); {} without a models.json."""
+    path = Path(assets) / "models.json"
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("grounding", {})
+    except (ValueError, AttributeError):
+        value = None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: unreadable demo model record; rebuild with: {REBUILD}")
+    return value
+
+
 def tuned_size_words(assets: Path) -> tuple[float, float] | None:
     """The size-word thresholds the shipped VLM was tuned with, from ``models.json`` (None: no size words).
 
     A VLM tuned with size words in its grounding must get them at run time too, and one tuned without must not.
     """
-    path = Path(assets) / "models.json"
-    if not path.is_file():
-        return None
+    value = _tuned_grounding(assets).get("size_words")
     try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("grounding", {}).get("size_words")
         return None if value is None else (float(value[0]), float(value[1]))
-    except (ValueError, TypeError, IndexError, AttributeError, KeyError):
-        raise ModelLoadError(f"{path}: unreadable demo model record; rebuild with: {REBUILD}") from None
+    except (ValueError, TypeError, IndexError, KeyError):
+        raise ModelLoadError(f"{Path(assets) / 'models.json'}: unreadable demo model record; rebuild with: "
+                             f"{REBUILD}") from None
+
+
+def tuned_order(assets: Path) -> str:
+    """The grounding's object order the shipped VLM was tuned with (``models.json``; "confidence" if unsaid)."""
+    from edge_vit.grounding import ObjectOrder
+
+    value = _tuned_grounding(assets).get("order", ObjectOrder.CONFIDENCE.value)
+    try:
+        return ObjectOrder(value).value
+    except ValueError:
+        raise ModelLoadError(f"{Path(assets) / 'models.json'}: unknown grounding order {value!r}; rebuild with: "
+                             f"{REBUILD}") from None
 
 
 def missing_models(paths: DemoPaths) -> list[str]:

@@ -31,6 +31,7 @@ its arguments.
 from __future__ import annotations
 
 import math
+import re
 import string
 import unicodedata
 from dataclasses import dataclass, fields
@@ -49,6 +50,7 @@ __all__ = [
     "sanitize_name",
     "describe_position",
     "describe_size",
+    "question_relevance",
     "SIZE_WORDS",
     "ground",
     "counts_signature",
@@ -82,6 +84,11 @@ class ObjectOrder(str, Enum):
 
     CONFIDENCE = "confidence"
     AREA = "area"  # visible area, i.e. the box clipped to the frame
+    # The objects the instruction names first (more of their line's words named: class words, grid position,
+    # size word), then by confidence. A question about "the square at bottom" gets that square's line first,
+    # and kept when the budget cuts the list; a small language model then reads its answer off the first line
+    # instead of having to pick the one line among several that matches (see the README's demo section).
+    QUESTION = "question"
 
 
 @dataclass(frozen=True)
@@ -233,7 +240,7 @@ def ground(
     """
     n = len(detections)
     display = _display_names(detections)
-    candidates = _ordered_indices(detections, config)
+    candidates = _ordered_indices(detections, config, instruction)
     has_lines = len(candidates) > 0
     header = _choose_header(display, n, has_lines, config, count_tokens)
 
@@ -286,18 +293,60 @@ def _display_names(detections: Detections) -> list[str]:
     return out
 
 
-def _ordered_indices(detections: Detections, config: GroundingConfig) -> list[int]:
+def _ordered_indices(detections: Detections, config: GroundingConfig, instruction: str = "") -> list[int]:
     """Indices in listing order, cut to ``max_objects``; NaN scores sort last."""
     n = len(detections)
-    if config.order is ObjectOrder.CONFIDENCE:
-        score = detections.confidence.astype(np.float64)
-    else:
+    if config.order is ObjectOrder.AREA:
         boxes = _clip_boxes(detections.xyxy, *detections.image_size)
         score = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # in pixels, so equal boxes tie exactly
+    else:
+        score = detections.confidence.astype(np.float64)
     score = np.nan_to_num(score, nan=-np.inf)
+    keys = [np.arange(n), -score]
+    if config.order is ObjectOrder.QUESTION:
+        keys.append(-question_relevance(detections, instruction, config))
     # lexsort: last key is primary; the index breaks ties so the order is total.
-    order = np.lexsort((np.arange(n), -score)).tolist()
+    order = np.lexsort(keys).tolist()
     return order if config.max_objects is None else order[: config.max_objects]
+
+
+_WORD = re.compile(r"[^\W_]+(?:-[^\W_]+)*")
+
+
+def _word_forms(text: str) -> set[str]:
+    """Lower-case words of ``text`` and their singulars ("boxes" -> "box", "batteries" -> "battery")."""
+    words = set(_WORD.findall(text.lower()))
+    singular = set()
+    for w in words:
+        if w.endswith("ies") and len(w) > 3:
+            singular.add(w[:-3] + "y")
+        if w.endswith("es"):
+            singular.add(w[:-2])
+        if w.endswith("s"):
+            singular.add(w[:-1])
+    return words | singular
+
+
+def question_relevance(detections: Detections, instruction: str, config: GroundingConfig) -> np.ndarray:
+    """[N] how many words of each object's grounding line the instruction names (ObjectOrder.QUESTION).
+
+    An object's words are its class name's, its grid position ("top-left", with ``positions="words"``) and its
+    size word (with ``size_words``); the instruction's words count in singular or plural. Pure string
+    matching: it ranks lines, it answers nothing.
+    """
+    asked = _word_forms(instruction)
+    display = _display_names(detections)
+    out = np.zeros(len(detections), np.int64)
+    if not asked:
+        return out
+    for i in range(len(detections)):
+        words = set(_WORD.findall(display[i].lower()))
+        if config.positions is PositionStyle.WORDS:
+            words.add(describe_position(detections.xyxy[i], detections.image_size, PositionStyle.WORDS))
+        if config.size_words is not None:
+            words.add(describe_size(detections.xyxy[i], detections.image_size, config.size_words))
+        out[i] = len(words & asked)
+    return out
 
 
 def _object_line(detections: Detections, i: int, name: str, config: GroundingConfig) -> str:

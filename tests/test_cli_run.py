@@ -90,6 +90,7 @@ def test_prompt_longer_than_context_is_reported_not_fatal(tmp_path, clip, tiny_y
         (["--size-words", "0.3,0.1"], "argument --size-words: must satisfy 0 < SMALL < MEDIUM <= 1"),
         (["--size-words", "small"], "argument --size-words: must be two numbers"),
         (["--grounding-tokens", "0"], "argument --grounding-tokens: must be >= 1"),
+        (["--grounding-order", "alphabetical"], "argument --grounding-order: invalid choice: 'alphabetical'"),
     ],
 )
 def test_bad_flag_values_are_usage_errors(args, message):

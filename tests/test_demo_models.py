@@ -19,7 +19,7 @@ from finetune.demo_models import STEPS, DemoRecipe, install, pretrain_texts, run
 def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     out = tmp_path / "run"
     recipe = replace(DemoRecipe.quick(), pretrain_rounds=((40, 2e-3), (10, 1e-3)), threads=1,
-                     stage2_rounds=((40, 1e-2), (6, 1e-2)))
+                     stage2_rounds=((40, 1e-2), (6, 1e-2)), question_order_from_round=1)
     summary = run_demo_models(out, recipe, steps=STEPS, install_to=tmp_path / "installed")
     assert set(summary["seconds"]) == {"shapes", "detector", "instruct", "base", "stage1", "stage2", "stage2b",
                                        "eval stage1", "eval stage2", "eval stage2b", "export", "install"}
@@ -44,6 +44,19 @@ def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     assert summary["eval"]["stage1"]["grounding"]["size_words"] is None
     assert summary["eval"]["stage2b"]["grounding"]["size_words"] == [0.145, 0.25]
     assert installed["grounding"]["size_words"] == [0.145, 0.25]
+    # From question_order_from_round on, the same samples again with the lines the first question names first.
+    assert summary["instruct_sizes_question"]["samples"] == summary["instruct"]["samples"]
+    asked = json.loads((out / "instruct-sizes-question" / "instruct.json").read_text())
+    assert json.loads((out / "instruct-sizes-question" / "manifest.json").read_text())["grounding"]["order"] == "question"
+    def listing(sample):  # the grounding's lines, without the question
+        return sample["conversations"][0]["value"].splitlines()[1:-1]
+
+    assert [sorted(listing(a)) for a in asked] == [sorted(listing(s)) for s in sized]
+    assert any(listing(a) != listing(s) for a, s in zip(asked, sized))
+    assert {len(a["conversations"]) for a in asked if a["kind"] == "conversation"} == {2}  # one question each
+    assert [summary["eval"][n]["grounding"]["order"] for n in ("stage1", "stage2", "stage2b")] == [
+        "confidence", "confidence", "question"]
+    assert installed["grounding"]["order"] == "question"
     pre = summary["pretrain"]  # one report per stage-0 round, each continuing from the last
     assert [(r["steps"], r["lr"]) for r in pre] == [(40, 2e-3), (10, 1e-3)]
     assert pre[0]["final_loss"] < 0.8 * pre[0]["first_loss"]  # stage 0 learns the description text

@@ -336,7 +336,8 @@ def test_eval_cli_end_to_end(capsys, tiny_idefics3, tiny_yolo, adapter, judge_se
     rc, stdout, err = _cli(capsys, "finetune", "eval", "--vlm", str(tiny_idefics3), "--adapter", str(adapter),
                            "--detector", str(tiny_yolo), "--seed", "3", "--size", "3", "--imgsz", "64",
                            "--out", str(out), "--max-new-tokens", "6", "--judge-endpoint", judge_server,
-                           "--judge-model", "judge", "--agnostic-nms", "--size-words", "0.2,0.4")
+                           "--judge-model", "judge", "--agnostic-nms", "--size-words", "0.2,0.4",
+                           "--grounding-order", "question")
     assert rc == 0, err
     lines = stdout.strip().splitlines()
     report = json.loads(lines[-1])
@@ -349,6 +350,7 @@ def test_eval_cli_end_to_end(capsys, tiny_idefics3, tiny_yolo, adapter, judge_se
     assert Path(detector.pop("model")).stem == tiny_yolo.stem  # the .pt, or an .onnx exported next to it
     assert detector == {"imgsz": 64, "conf": 0.25, "iou": 0.7, "agnostic_nms": True}
     assert report["grounding"]["size_words"] == [0.2, 0.4] and report["grounding"]["positions"] == "words"
+    assert report["grounding"]["order"] == "question"
     for cond in ("grounded", "ungrounded"):
         table = report["accuracy"][cond]
         assert table["all"]["total"] == report["questions"] > 0

@@ -19,6 +19,7 @@ from edge_vit.grounding import (
     describe_position,
     describe_size,
     ground,
+    question_relevance,
     sanitize_name,
 )
 from edge_vit.types import Detections, GroundedPrompt
@@ -200,6 +201,56 @@ def test_order_area_differs_from_confidence():
     d = dets(boxes, [0.99, 0.5, 0.1, 0.2, 0.3], [0] * 5)
     assert ground(d, "q", GroundingConfig(order=ObjectOrder.CONFIDENCE)).mentioned == (0, 1, 4, 3, 2)
     assert ground(d, "q", GroundingConfig(order=ObjectOrder.AREA)).mentioned == (2, 3, 4, 0, 1)
+
+
+COLOUR_NAMES = {0: "red square", 1: "yellow square", 2: "green star", 3: "box"}
+
+
+@pytest.mark.parametrize(
+    "instruction, expected",
+    [
+        # nothing named: confidence order
+        ("Describe the scene.", (2, 0, 1, 3)),
+        # class word: both squares first (by confidence), the rest after
+        ("How many squares are there?", (0, 1, 2, 3)),
+        # class word and grid position: the square at bottom before the other square
+        ("What colour is the square at bottom?", (1, 0, 2, 3)),
+        # colour and class: 2 words for the red square, 1 for the yellow one
+        ("Where is the red square?", (0, 1, 2, 3)),
+        # plural "-es" and capitals
+        ("Any BOXES here?", (3, 2, 0, 1)),
+        # a position word alone
+        ("What is at the top-left?", (0, 2, 1, 3)),
+    ],
+)
+def test_order_question(instruction, expected):
+    boxes = [around(50, 100), around(150, 500), around(250, 300), around(250, 100)]
+    d = dets(boxes, [0.8, 0.7, 0.9, 0.1], [0, 1, 2, 3], names=COLOUR_NAMES)
+    assert ground(d, instruction, GroundingConfig(order=ObjectOrder.QUESTION)).mentioned == expected
+    # the other orders ignore the instruction
+    assert ground(d, instruction, GroundingConfig()).mentioned == (2, 0, 1, 3)
+
+
+def test_order_question_keeps_the_named_object_under_a_tight_budget():
+    boxes = [around(50, 100)] * 6 + [around(150, 500)]
+    d = dets(boxes, [0.9] * 6 + [0.1], [0] * 6 + [2], names=COLOUR_NAMES)
+    tight = GroundingConfig(max_tokens=40, order=ObjectOrder.QUESTION)
+    p = ground(d, "Is there a star?", tight)
+    assert 0 < len(p.mentioned) < 7 and p.mentioned[0] == 6
+    assert "- green star at bottom" in p.grounding.splitlines()
+    assert 6 not in ground(d, "Is there a star?", GroundingConfig(max_tokens=40)).mentioned
+
+
+def test_question_relevance_counts_size_words_only_when_written():
+    d = dets([[0, 0, 20, 20], [0, 0, 290, 590]], [0.5, 0.5], [2, 2], names=COLOUR_NAMES)
+    sizes = GroundingConfig(size_words=(0.145, 0.25))
+    assert question_relevance(d, "the small star", sizes).tolist() == [2, 1]
+    assert question_relevance(d, "the small star", GroundingConfig()).tolist() == [1, 1]
+    assert question_relevance(d, "", sizes).tolist() == [0, 0]
+    # with positions as boxes there are no position words to match
+    boxes = GroundingConfig(positions=PositionStyle.BOXES)
+    assert question_relevance(d, "the star at top-left", boxes).tolist() == [1, 1]
+    assert question_relevance(d, "the star at top-left", GroundingConfig()).tolist() == [2, 1]
 
 
 def test_confidence_ties_broken_by_index_and_nan_last():
@@ -488,8 +539,13 @@ def _plural(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
-def _expected_order(d: Detections, order: ObjectOrder) -> list[int]:
-    if order is ObjectOrder.CONFIDENCE:
+def _expected_order(d: Detections, order: ObjectOrder, instruction: str = "", cfg: GroundingConfig | None = None
+                    ) -> list[int]:
+    # question: relevance (its word matching has its own table above) first, then confidence
+    first = [0] * len(d)
+    if order is ObjectOrder.QUESTION:
+        first = [-int(r) for r in question_relevance(d, instruction, cfg)]
+    if order in (ObjectOrder.CONFIDENCE, ObjectOrder.QUESTION):
         score = [float(c) for c in d.confidence]
     else:
         h, w = d.image_size
@@ -499,7 +555,7 @@ def _expected_order(d: Detections, order: ObjectOrder) -> list[int]:
             y1, y2 = sorted(np.clip(b[[1, 3]].astype(np.float64), 0, h))
             score.append(float((x2 - x1) * (y2 - y1)))
     score = [-math.inf if math.isnan(s) else s for s in score]
-    return sorted(range(len(d)), key=lambda i: (-score[i], i))
+    return sorted(range(len(d)), key=lambda i: (first[i], -score[i], i))
 
 
 def _display(d: Detections) -> list[str]:
@@ -565,7 +621,7 @@ def check_prompt(
     n, mentioned = len(d), p.mentioned
     assert len(set(mentioned)) == len(mentioned) and all(0 <= i < n for i in mentioned)
     limit = n if cfg.max_objects is None else min(n, cfg.max_objects)
-    assert list(mentioned) == _expected_order(d, cfg.order)[: len(mentioned)] and len(mentioned) <= limit
+    assert list(mentioned) == _expected_order(d, cfg.order, instruction, cfg)[: len(mentioned)] and len(mentioned) <= limit
 
     display = _display(d)
     lines = p.grounding.split("\n")
