@@ -68,7 +68,8 @@ def add_grounding_args(group, tokens_help: str = "token budget of the grounding 
                        help="say each object's size: small when its box's longer side is below SMALL of the "
                             "frame's shorter side, medium below MEDIUM, else large (off by default; a model "
                             "tuned with them needs them at run time too)")
-    group.add_argument("--grounding-order", choices=[o.value for o in ObjectOrder], default=ObjectOrder.CONFIDENCE.value,
+    group.add_argument("--grounding-order", choices=[o.value for o in ObjectOrder],
+                       default=ObjectOrder.CONFIDENCE.value,
                        help="which objects are listed first: confidence (default), area, or question (those the "
                             "instruction names by class, position or size word first; a model tuned with it needs "
                             "it at run time too)")
@@ -79,4 +80,5 @@ def grounding_from_args(args: argparse.Namespace):
     from edge_vit.grounding import GroundingConfig, ObjectOrder, PositionStyle
 
     return GroundingConfig(positions=PositionStyle(args.positions), max_tokens=args.grounding_tokens,
-                           size_words=args.size_words, order=ObjectOrder(getattr(args, "grounding_order", "confidence")))
+                           size_words=args.size_words,
+                           order=ObjectOrder(getattr(args, "grounding_order", ObjectOrder.CONFIDENCE.value)))

@@ -223,17 +223,16 @@ class DemoRecipe:
 
     def grounding(self, round_: int | None = None):
         """The grounding of stage-2 round ``round_`` (None: stages 0 and 1); the last round's is the demo VLM's."""
-        from edge_vit.grounding import GroundingConfig
+        from edge_vit.grounding import GroundingConfig, ObjectOrder
         from finetune.shapes import SIZE_THRESHOLDS
-
-        from edge_vit.grounding import ObjectOrder
 
         def from_(first: int | None) -> bool:
             return first is not None and round_ is not None and round_ >= first
 
+        question = from_(self.question_order_from_round)
         return GroundingConfig(max_tokens=DEMO_GROUNDING_TOKENS,
                                size_words=SIZE_THRESHOLDS if from_(self.size_words_from_round) else None,
-                               order=ObjectOrder.QUESTION if from_(self.question_order_from_round) else ObjectOrder.CONFIDENCE)
+                               order=ObjectOrder.QUESTION if question else ObjectOrder.CONFIDENCE)
 
     def final_grounding(self):
         """The demo VLM's grounding: the last stage-2 round's."""
@@ -651,6 +650,7 @@ def run_demo_models(out: str | Path, recipe: DemoRecipe = DemoRecipe(), steps: t
     """Run ``steps`` (in STEPS order) under ``out``; a step whose output exists is skipped. Returns the summary."""
     import torch
 
+    from edge_vit.grounding import ObjectOrder
     from finetune.instruct import InstructConfig, SampleKind, build_instruct_data, build_instruct_rendered
     from finetune.shapes import ShapesConfig, generate_shapes
     from finetune.teachers import TemplateTeacher, load_prompts
@@ -712,8 +712,8 @@ def run_demo_models(out: str | Path, recipe: DemoRecipe = DemoRecipe(), steps: t
                 # are one question long: the grounding is ordered for the first question only, so later turns
                 # would teach the model to look past the first line, while at run time every question gets its
                 # own grounding.
-                **{recipe.instruct_data(k): (one_turn if recipe.grounding(k).order.value == "question" else teacher,
-                                             replace(mixed, grounding=recipe.grounding(k)))
+                **{recipe.instruct_data(k): (one_turn if recipe.grounding(k).order is ObjectOrder.QUESTION
+                                             else teacher, replace(mixed, grounding=recipe.grounding(k)))
                    for k in range(len(recipe.stage2_rounds))},
                 "instruct-dense": (dense, InstructConfig(seed=recipe.seed, samples_per_image=1,
                                                          kinds=(SampleKind.CONVERSATION,), grounding=grounding)),
