@@ -81,4 +81,4 @@ def grounding_from_args(args: argparse.Namespace):
 
     return GroundingConfig(positions=PositionStyle(args.positions), max_tokens=args.grounding_tokens,
                            size_words=args.size_words,
-                           order=ObjectOrder(getattr(args, "grounding_order", ObjectOrder.CONFIDENCE.value)))
+                           order=ObjectOrder(args.grounding_order))

@@ -51,6 +51,7 @@ __all__ = [
     "describe_position",
     "describe_size",
     "question_relevance",
+    "plural",
     "SIZE_WORDS",
     "ground",
     "counts_signature",
@@ -240,7 +241,7 @@ def ground(
     """
     n = len(detections)
     display = _display_names(detections)
-    candidates = _ordered_indices(detections, config, instruction)
+    candidates = _ordered_indices(detections, config, instruction, display)
     has_lines = len(candidates) > 0
     header = _choose_header(display, n, has_lines, config, count_tokens)
 
@@ -293,7 +294,8 @@ def _display_names(detections: Detections) -> list[str]:
     return out
 
 
-def _ordered_indices(detections: Detections, config: GroundingConfig, instruction: str = "") -> list[int]:
+def _ordered_indices(detections: Detections, config: GroundingConfig, instruction: str,
+                     display: Sequence[str]) -> list[int]:
     """Indices in listing order, cut to ``max_objects``; NaN scores sort last."""
     n = len(detections)
     if config.order is ObjectOrder.AREA:
@@ -304,7 +306,7 @@ def _ordered_indices(detections: Detections, config: GroundingConfig, instructio
     score = np.nan_to_num(score, nan=-np.inf)
     keys = [np.arange(n), -score]
     if config.order is ObjectOrder.QUESTION:
-        keys.append(-question_relevance(detections, instruction, config))
+        keys.append(-question_relevance(detections, instruction, config, display))
     # lexsort: last key is primary; the index breaks ties so the order is total.
     order = np.lexsort(keys).tolist()
     return order if config.max_objects is None else order[: config.max_objects]
@@ -312,40 +314,55 @@ def _ordered_indices(detections: Detections, config: GroundingConfig, instructio
 
 _WORD = re.compile(r"[^\W_]+(?:-[^\W_]+)*")
 
-
-def _word_forms(text: str) -> set[str]:
-    """Lower-case words of ``text`` and their singulars ("boxes" -> "box", "batteries" -> "battery")."""
-    words = set(_WORD.findall(text.lower()))
-    singular = set()
-    for w in words:
-        if w.endswith("ies") and len(w) > 3:
-            singular.add(w[:-3] + "y")
-        if w.endswith("es"):
-            singular.add(w[:-2])
-        if w.endswith("s"):
-            singular.add(w[:-1])
-    return words | singular
+_IRREGULAR = {"person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
+              "foot": "feet", "tooth": "teeth", "goose": "geese", "knife": "knives", "leaf": "leaves",
+              "sheep": "sheep", "fish": "fish", "deer": "deer", "scissors": "scissors", "skis": "skis",
+              "glasses": "glasses", "series": "series", "species": "species"}
 
 
-def question_relevance(detections: Detections, instruction: str, config: GroundingConfig) -> np.ndarray:
+def plural(name: str) -> str:
+    """English plural of a class name (its last word): circle → circles, person → people, bus → buses.
+
+    The teacher writes its questions with it; :func:`question_relevance` matches a question's plurals with it.
+    """
+    head, _, last = name.rpartition(" ")
+    low = last.lower()
+    if low in _IRREGULAR:
+        word = _IRREGULAR[low]
+    elif low.endswith(("s", "x", "z", "ch", "sh")):
+        word = last + "es"
+    elif len(low) > 1 and low.endswith("y") and low[-2] not in "aeiou":
+        word = last[:-1] + "ies"
+    elif not low[-1:].isalpha():
+        word = last
+    else:
+        word = last + "s"
+    return f"{head} {word}" if head else word
+
+
+def question_relevance(detections: Detections, instruction: str, config: GroundingConfig,
+                       display: Sequence[str] | None = None) -> np.ndarray:
     """[N] how many words of each object's grounding line the instruction names (ObjectOrder.QUESTION).
 
-    An object's words are its class name's, its grid position ("top-left", with ``positions="words"``) and its
-    size word (with ``size_words``); the instruction's words count in singular or plural. Pure string
-    matching: it ranks lines, it answers nothing.
+    An object's words are its class name's (each also as its :func:`plural`), its grid position ("top-left",
+    with ``positions="words"``) and its size word (with ``size_words``). ``display``: the objects' class names
+    as the grounding writes them (computed when not given). Pure string matching: it ranks lines, it answers
+    nothing.
     """
-    asked = _word_forms(instruction)
-    display = _display_names(detections)
+    asked = set(_WORD.findall(instruction.lower()))
     out = np.zeros(len(detections), np.int64)
     if not asked:
         return out
+    display = _display_names(detections) if display is None else display
     for i in range(len(detections)):
-        words = set(_WORD.findall(display[i].lower()))
+        named = 0
+        for word in set(_WORD.findall(display[i].lower())):
+            named += word in asked or plural(word) in asked
         if config.positions is PositionStyle.WORDS:
-            words.add(describe_position(detections.xyxy[i], detections.image_size, PositionStyle.WORDS))
+            named += describe_position(detections.xyxy[i], detections.image_size, PositionStyle.WORDS) in asked
         if config.size_words is not None:
-            words.add(describe_size(detections.xyxy[i], detections.image_size, config.size_words))
-        out[i] = len(words & asked)
+            named += describe_size(detections.xyxy[i], detections.image_size, config.size_words) in asked
+        out[i] = named
     return out
 
 

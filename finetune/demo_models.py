@@ -241,8 +241,10 @@ class DemoRecipe:
     def instruct_data(self, round_: int) -> str:
         """The instruction data folder that stage-2 round ``round_`` trains on: instruct, or with the round's
         grounding options in its name (instruct-sizes, instruct-question, instruct-sizes-question)."""
+        from edge_vit.grounding import ObjectOrder
+
         g = self.grounding(round_)
-        return "instruct" + ("-sizes" if g.size_words else "") + ("-question" if g.order.value == "question" else "")
+        return "instruct" + ("-sizes" if g.size_words else "") + ("-question" if g.order is ObjectOrder.QUESTION else "")
 
 
 STAGE0_STATE, STAGE0_TOKENS = "stage0.json", "stage0_tokens.npz"  # in base.tmp while stage 0 runs

@@ -41,7 +41,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from edge_vit.grounding import GroundingConfig, PositionStyle, approx_token_count, describe_position, ground, sanitize_name
+from edge_vit.grounding import (GroundingConfig, PositionStyle, approx_token_count, describe_position, ground, plural,
+                                sanitize_name)
 from edge_vit.types import Detections
 from finetune.dataset import DataYaml, ImageRecord, dataset_hash, load_data_yaml, read_split
 from finetune.shapes import COLOUR_NAMES, SHAPE_CLASSES, SIZES
@@ -136,29 +137,6 @@ class Teacher(Protocol):
 
 
 # ---------------------------------------------------------------- words
-
-_IRREGULAR = {"person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
-              "foot": "feet", "tooth": "teeth", "goose": "geese", "knife": "knives", "leaf": "leaves",
-              "sheep": "sheep", "fish": "fish", "deer": "deer", "scissors": "scissors", "skis": "skis",
-              "glasses": "glasses", "series": "series", "species": "species"}
-
-
-def plural(name: str) -> str:
-    """English plural of a class name (its last word): circle → circles, person → people, bus → buses."""
-    head, _, last = name.rpartition(" ")
-    low = last.lower()
-    if low in _IRREGULAR:
-        word = _IRREGULAR[low]
-    elif low.endswith(("s", "x", "z", "ch", "sh")):
-        word = last + "es"
-    elif len(low) > 1 and low.endswith("y") and low[-2] not in "aeiou":
-        word = last[:-1] + "ies"
-    elif not low[-1:].isalpha():
-        word = last
-    else:
-        word = last + "s"
-    return f"{head} {word}" if head else word
-
 
 def count_phrase(n: int, noun: str) -> str:
     """"1 circle", "0 circles", "3 red squares" (the noun may carry adjectives)."""

@@ -241,6 +241,12 @@ def test_order_question_keeps_the_named_object_under_a_tight_budget():
     assert 6 not in ground(d, "Is there a star?", GroundingConfig(max_tokens=40)).mentioned
 
 
+def test_question_relevance_matches_plurals_irregular_ones_too():
+    d = dets([around(50, 100), around(150, 500), around(250, 300)], [0.5] * 3, [0, 1, 2])  # person, car, dog
+    assert question_relevance(d, "How many people are near the cars?", GroundingConfig()).tolist() == [1, 1, 0]
+    assert question_relevance(d, "Is the dog at right?", GroundingConfig()).tolist() == [0, 0, 2]  # dog box centre: right
+
+
 def test_question_relevance_counts_size_words_only_when_written():
     d = dets([[0, 0, 20, 20], [0, 0, 290, 590]], [0.5, 0.5], [2, 2], names=COLOUR_NAMES)
     sizes = GroundingConfig(size_words=(0.145, 0.25))
