@@ -58,8 +58,8 @@ def size_thresholds(text: str) -> tuple[float, float]:
 
 
 def add_grounding_args(group, tokens_help: str = "token budget of the grounding text") -> None:
-    """--positions, --grounding-tokens, --size-words and --grounding-order on ``group`` (a parser or an argument
-    group)."""
+    """--positions, --grounding-tokens, --size-words, --grounding-order and --grounding-counts on ``group`` (a
+    parser or an argument group)."""
     from edge_vit.grounding import ObjectOrder, PositionStyle
 
     group.add_argument("--positions", choices=[s.value for s in PositionStyle], default=PositionStyle.WORDS.value)
@@ -73,6 +73,10 @@ def add_grounding_args(group, tokens_help: str = "token budget of the grounding 
                        help="which objects are listed first: confidence (default), area, or question (those the "
                             "instruction names by class, position or size word first; a model tuned with it needs "
                             "it at run time too)")
+    group.add_argument("--grounding-counts", action="store_true",
+                       help="add a counts line for what the instruction asks about: the objects in all and each "
+                            "class phrase it names ('How many red cars?' -> 'Counts: 3 in all, red car: 1.'); a "
+                            "model tuned with it needs it at run time too")
 
 
 def grounding_from_args(args: argparse.Namespace):
@@ -81,4 +85,4 @@ def grounding_from_args(args: argparse.Namespace):
 
     return GroundingConfig(positions=PositionStyle(args.positions), max_tokens=args.grounding_tokens,
                            size_words=args.size_words,
-                           order=ObjectOrder(args.grounding_order))
+                           order=ObjectOrder(args.grounding_order), question_counts=args.grounding_counts)

@@ -178,6 +178,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if paths.size_words:
         argv += ["--size-words", ",".join(str(v) for v in paths.size_words)]
     argv += ["--grounding-order", paths.grounding_order]
+    if paths.grounding_counts:
+        argv.append("--grounding-counts")
     if args.max_frames:
         argv += ["--max-frames", str(args.max_frames)]
     if args.quiet:

@@ -27,8 +27,9 @@ REBUILD = "edge-vit finetune demo-models --out runs/demo-models --install"
 DETECTOR_FILE = "detector.onnx"
 VLM_DIR = "vlm"
 CLIP_FILE = "clip.mp4"
-# The settings the demo models were trained and evaluated with (finetune/demo_models.py).
-DETECTOR_IMGSZ = 256
+# The settings the demo models were trained and evaluated with (finetune/demo_models.py): the detector's
+# input size is its second training round's (DemoRecipe.det_imgsz; the shipped ONNX is fixed to it).
+DETECTOR_IMGSZ = 320
 DETECTOR_CONF = 0.25
 # Each shape has one colour-shape class, so NMS runs across classes: class by class, the detector kept an
 # "orange square" on top of an "orange hexagon" and the benchmark's object count was exact on 64.5% of
@@ -163,6 +164,7 @@ class DemoPaths:
     grounding_tokens: int = GROUNDING_TOKENS
     size_words: tuple[float, float] | None = None  # as the VLM was tuned (models.json's "grounding")
     grounding_order: str = "confidence"  # likewise
+    grounding_counts: bool = False  # likewise
     vlm_backend: str = "torch"  # "onnx" when the shipped VLM is an export folder (edge-vit export onnx)
 
 
@@ -176,6 +178,7 @@ def demo_paths(workdir: str | Path = ".demo", assets: str | Path | None = None) 
     return DemoPaths(assets=assets, detector=assets / DETECTOR_FILE, vlm=assets / VLM_DIR, clip=clip,
                      truth=clip.with_suffix(".jsonl"), jsonl=workdir / "demo.jsonl", video=workdir / "demo.mp4",
                      size_words=tuned_size_words(assets), grounding_order=tuned_order(assets),
+                     grounding_counts=tuned_counts(assets),
                      vlm_backend=vlm_backend(assets / VLM_DIR))
 
 
@@ -230,6 +233,15 @@ def tuned_order(assets: Path) -> str:
     except ValueError:
         raise ModelLoadError(f"{Path(assets) / 'models.json'}: unknown grounding order {value!r}; rebuild with: "
                              f"{REBUILD}") from None
+
+
+def tuned_counts(assets: Path) -> bool:
+    """Whether the shipped VLM was tuned with the grounding's counts line (``models.json``; False if unsaid)."""
+    value = _tuned_grounding(assets).get("question_counts", False)
+    if not isinstance(value, bool):
+        raise ModelLoadError(f"{Path(assets) / 'models.json'}: unreadable demo model record; rebuild with: "
+                             f"{REBUILD}")
+    return value
 
 
 def missing_models(paths: DemoPaths) -> list[str]:

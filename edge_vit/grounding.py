@@ -13,6 +13,12 @@ With ``size_words`` each line also says how big the box is ("- small car at
 bottom-right"), so questions that pick an object out by its size ("the small
 car") can be answered from the text.
 
+With ``question_counts`` a second line counts what the instruction asks about:
+the objects in all, and each class phrase the instruction names ("How many red
+cars?" -> "Counts: 3 in all, red car: 1."), zero included for a class of the
+model that is not in the frame. A count over several classes ("red" covers red
+car and red bus) is then read off the text instead of summed by the model.
+
 What it guarantees: ``count_tokens(grounding) <= config.max_tokens`` for any
 input (hundreds of boxes, hundreds of classes, any unicode in class names),
 measured with the ``count_tokens`` given to :func:`ground`. Only whole lines
@@ -51,6 +57,7 @@ __all__ = [
     "describe_position",
     "describe_size",
     "question_relevance",
+    "question_counts",
     "plural",
     "SIZE_WORDS",
     "ground",
@@ -103,6 +110,8 @@ class GroundingConfig:
     over the frame's shorter side: below the first the object is "small",
     below the second "medium", else "large". What counts as small depends on
     the scene, so there is no default; the shapes demo uses the shapes world's.
+    ``question_counts`` (off by default) adds the counts line of :func:`question_counts`
+    after the header, when it fits the budget.
     """
 
     positions: PositionStyle = PositionStyle.WORDS
@@ -112,6 +121,7 @@ class GroundingConfig:
     include_confidence: bool = False
     header: str = "Detected objects"
     size_words: tuple[float, float] | None = None
+    question_counts: bool = False
 
     def __post_init__(self) -> None:
         # Enum(value) accepts members and their string values, rejects anything else.
@@ -137,6 +147,9 @@ class GroundingConfig:
                 raise ValueError(f"GroundingConfig: size_words must satisfy 0 < small < medium <= 1, "
                                  f"got {self.size_words!r}")
             object.__setattr__(self, "size_words", (small, medium))
+        if not isinstance(self.question_counts, (bool, np.bool_)):
+            raise ValueError(f"GroundingConfig: question_counts must be a bool, got {self.question_counts!r}")
+        object.__setattr__(self, "question_counts", bool(self.question_counts))
 
     def as_json(self) -> dict:
         """The settings as plain JSON values (enums by value), for manifests, reports and start events."""
@@ -244,6 +257,10 @@ def ground(
     candidates = _ordered_indices(detections, config, instruction, display)
     has_lines = len(candidates) > 0
     header = _choose_header(display, n, has_lines, config, count_tokens)
+    if config.question_counts and count_tokens(header) <= config.max_tokens:
+        with_counts = header + "\n" + _counts_line(n, question_counts(detections, instruction, display))
+        if count_tokens(with_counts) <= config.max_tokens:
+            header = with_counts
 
     mentioned: tuple[int, ...] = ()
     if count_tokens(header) <= config.max_tokens:
@@ -364,6 +381,57 @@ def question_relevance(detections: Detections, instruction: str, config: Groundi
             named += describe_size(detections.xyxy[i], detections.image_size, config.size_words) in asked
         out[i] = named
     return out
+
+
+_GAP = re.compile(r"\s*")
+
+
+def question_counts(detections: Detections, instruction: str,
+                    display: Sequence[str] | None = None) -> list[tuple[str, int]]:
+    """(phrase, count) for each class phrase the instruction names, in the instruction's order.
+
+    A phrase is a run of consecutive instruction words (no punctuation between them) that are words of the
+    model's class names, ``detections.names`` (a word's :func:`plural` counts as the word): "red cars" ->
+    "red car", "traffic lights" -> "traffic light", "purple objects" -> "purple". A run that no single class
+    name has all the words of ("person car") counts word by word. The count is the number of detected objects
+    whose class name has every word of the phrase, 0 for a class of the model not in the frame. Pure string
+    matching over the detections: it counts boxes, it does not read the image.
+    """
+    names = [sanitize_name(v).lower() for v in detections.names.values()]
+    display = _display_names(detections) if display is None else display
+    object_words = [set(_WORD.findall(name.lower())) for name in display]
+    class_words = [set(_WORD.findall(name)) for name in names] + object_words
+    base: dict[str, str] = {}
+    for words in class_words:
+        for word in words:
+            base.setdefault(word, word)
+            base.setdefault(plural(word).lower(), word)
+
+    runs: list[list[str]] = []
+    end = None
+    asked = instruction.lower()
+    for match in _WORD.finditer(asked):
+        word = base.get(match.group())
+        joined = end is not None and _GAP.fullmatch(asked, end, match.start()) is not None
+        if word is None:
+            end = None
+            continue
+        if joined and runs:
+            if word not in runs[-1]:
+                runs[-1].append(word)
+        else:
+            runs.append([word])
+        end = match.end()
+
+    phrases: list[tuple[str, ...]] = []
+    for run in runs:
+        parts = [tuple(run)] if any(set(run) <= words for words in class_words) else [(w,) for w in run]
+        phrases.extend(p for p in parts if p not in phrases)
+    return [(" ".join(p), sum(set(p) <= words for words in object_words)) for p in phrases]
+
+
+def _counts_line(n: int, counts: Sequence[tuple[str, int]]) -> str:
+    return f"Counts: {n} in all" + "".join(f", {phrase}: {c}" for phrase, c in counts) + "."
 
 
 def _object_line(detections: Detections, i: int, name: str, config: GroundingConfig) -> str:

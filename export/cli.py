@@ -71,6 +71,10 @@ def _add_optimize_arguments(p: argparse.ArgumentParser, *, optimize_default: boo
     g.add_argument("--prefill-graph", action=argparse.BooleanOptionalAction, default=OptimizeOptions.prefill_graph,
                    help="with --quantize: also write decoder_prefill.onnx (int8 per-column GEMMs) that the ONNX "
                         "backend runs the prompt through on CPU: faster time to first token, more memory")
+    g.add_argument("--int8-kernel", choices=("dynamic", "nbits"), default=OptimizeOptions.int8_kernel,
+                   help="with --quantize int8: nbits (MatMulNBits blocks, as int4, with the prefill graph; "
+                        "closest to fp32) or dynamic (DynamicQuantizeMatMul, int8 per-column weights, for the "
+                        "prompt and each new token: one decoder graph, less memory); --method gptq uses nbits")
     g.add_argument("--block-size", type=int, default=None,
                    help="MatMulNBits quantization block along K (16-256; default: 128 for int8, 32 for int4)")
     g.add_argument("--method", choices=("rtn", "gptq"), default=OptimizeOptions.method,
@@ -96,6 +100,7 @@ def _optimize_options(args: argparse.Namespace):
         return None
     return OptimizeOptions(fuse=args.optimize, quantize=quantize, quantize_vision=args.quantize_vision,
                            prefill_graph=args.prefill_graph, block_size=args.block_size, validate=args.validate_variant,
+                           int8_kernel=args.int8_kernel,
                            validation_prompts=args.validation_prompts, method=args.method,
                            calibration_prompts=args.calibration_prompts)
 

@@ -25,7 +25,8 @@ def test_run_on_clip_writes_jsonl_and_video(tmp_path, clip, tiny_yolo, tiny_idef
     assert events[0]["type"] == "start" and events[-1]["type"] == "status" and events[-1]["final"]
     assert events[0]["grounding"] == {"positions": "words", "max_tokens": 96, "max_objects": None,
                                       "order": "confidence", "include_confidence": False,
-                                      "header": "Detected objects", "size_words": None}
+                                      "header": "Detected objects", "size_words": None,
+                                      "question_counts": False}
     dets = by_type(events, "detections")
     assert [e["frame"] for e in dets] == list(range(30))
     assert all(set(e["timings"]) == {"detect_pre", "detect_infer", "detect_post"} for e in dets)

@@ -19,7 +19,7 @@ from finetune.demo_models import STEPS, DemoRecipe, install, pretrain_texts, run
 def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     out = tmp_path / "run"
     recipe = replace(DemoRecipe.quick(), pretrain_rounds=((40, 2e-3), (10, 1e-3)), threads=1,
-                     stage2_rounds=((40, 1e-2), (6, 1e-2)), question_order_from_round=1)
+                     stage2_rounds=((40, 1e-2), (6, 1e-2)), question_order_from_round=1, question_counts_from_round=1)
     summary = run_demo_models(out, recipe, steps=STEPS, install_to=tmp_path / "installed")
     assert set(summary["seconds"]) == {"shapes", "detector", "instruct", "base", "stage1", "stage2", "stage2b",
                                        "eval stage1", "eval stage2", "eval stage2b", "export", "install"}
@@ -27,6 +27,12 @@ def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     installed = json.loads((tmp_path / "installed" / "models.json").read_text())
     assert installed["export"] == json.loads(json.dumps(summary["export"])) and installed["eval"]
     assert (out / "detector.onnx").is_file()
+    # The second detector round fine-tunes the first's weights at det_ft_imgsz; the export takes that size.
+    import onnx
+
+    assert (out / "runs" / "detector-ft" / "weights" / "best.pt").is_file()
+    dims = onnx.load(str(out / "detector.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [1, 3, recipe.det_ft_imgsz, recipe.det_ft_imgsz] and recipe.det_imgsz == 128
     # The VLM's data comes from its own scenes (shapes-vlm), not the detector's training split.
     vlm_scenes = json.loads((out / "instruct" / "manifest.json").read_text())
     assert "shapes-vlm" in json.dumps(vlm_scenes) and summary["instruct"]["images"] == len(
@@ -44,19 +50,26 @@ def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     assert summary["eval"]["stage1"]["grounding"]["size_words"] is None
     assert summary["eval"]["stage2b"]["grounding"]["size_words"] == [0.145, 0.25]
     assert installed["grounding"]["size_words"] == [0.145, 0.25]
-    # From question_order_from_round on, the same samples again with the lines the first question names first.
-    assert summary["instruct_sizes_question"]["samples"] == summary["instruct"]["samples"]
-    asked = json.loads((out / "instruct-sizes-question" / "instruct.json").read_text())
-    assert json.loads((out / "instruct-sizes-question" / "manifest.json").read_text())["grounding"]["order"] == "question"
-    def listing(sample):  # the grounding's lines, without the question
-        return sample["conversations"][0]["value"].splitlines()[1:-1]
+    # From question_order_from_round on, the same samples again with the lines the first question names first,
+    # and from question_counts_from_round on (the same round here) with the counts line after the header.
+    assert summary["instruct_sizes_question_counts"]["samples"] == summary["instruct"]["samples"]
+    asked = json.loads((out / "instruct-sizes-question-counts" / "instruct.json").read_text())
+    asked_grounding = json.loads((out / "instruct-sizes-question-counts" / "manifest.json").read_text())["grounding"]
+    assert asked_grounding["order"] == "question" and asked_grounding["question_counts"] is True
+    def listing(sample):  # the grounding's object lines, without the question
+        return [line for line in sample["conversations"][0]["value"].splitlines()[1:-1]
+                if not line.startswith("Counts: ")]
 
     assert [sorted(listing(a)) for a in asked] == [sorted(listing(s)) for s in sized]
     assert any(listing(a) != listing(s) for a, s in zip(asked, sized))
+    assert all("\nCounts: " in a["conversations"][0]["value"] for a in asked if a["meta"]["grounded"])
+    assert not any("\nCounts: " in s["conversations"][0]["value"] for s in sized)
     assert {len(a["conversations"]) for a in asked if a["kind"] == "conversation"} == {2}  # one question each
     assert [summary["eval"][n]["grounding"]["order"] for n in ("stage1", "stage2", "stage2b")] == [
         "confidence", "confidence", "question"]
-    assert installed["grounding"]["order"] == "question"
+    assert [summary["eval"][n]["grounding"]["question_counts"] for n in ("stage1", "stage2", "stage2b")] == [
+        False, False, True]
+    assert installed["grounding"]["order"] == "question" and installed["grounding"]["question_counts"] is True
     pre = summary["pretrain"]  # one report per stage-0 round, each continuing from the last
     assert [(r["steps"], r["lr"]) for r in pre] == [(40, 2e-3), (10, 1e-3)]
     assert pre[0]["final_loss"] < 0.8 * pre[0]["first_loss"]  # stage 0 learns the description text

@@ -535,13 +535,17 @@ def test_cli_data_end_to_end(shapes_ds, tmp_path, capsys):
     out = tmp_path / "instr"
     code = main(["finetune", "data", "--dataset", str(shapes_ds / "data.yaml"), "--out", str(out),
                  "--samples-per-image", "2", "--kinds", "conversation,reasoning", "--ungrounded-fraction", "0.5",
-                 "--positions", "none", "--grounding-tokens", "48", "--grounding-order", "question"])
+                 "--positions", "none", "--grounding-tokens", "48", "--grounding-order", "question",
+                 "--grounding-counts"])
     assert code == 0
     assert "wrote 20 samples" in capsys.readouterr().err
     m = json.loads((out / "manifest.json").read_text())
     assert m["kinds"] == ["conversation", "reasoning"] and m["ungrounded_fraction"] == 0.5
     assert m["grounding"]["positions"] == "none" and m["grounding"]["max_tokens"] == 48
-    assert m["grounding"]["order"] == "question"
+    assert m["grounding"]["order"] == "question" and m["grounding"]["question_counts"] is True
+    grounded = [s["conversations"][0]["value"] for s in json.loads((out / "instruct.json").read_text())
+                if "Detected objects" in s["conversations"][0]["value"]]
+    assert grounded and all("\nCounts: " in text for text in grounded)
     assert m["counts"]["by_kind"]["detailed"] == 0
     assert main(["finetune", "data", "--dataset", str(shapes_ds / "data.yaml"), "--out", str(out),
                  "--kinds", "poems"]) == 2

@@ -337,7 +337,7 @@ def test_eval_cli_end_to_end(capsys, tiny_idefics3, tiny_yolo, adapter, judge_se
                            "--detector", str(tiny_yolo), "--seed", "3", "--size", "3", "--imgsz", "64",
                            "--out", str(out), "--max-new-tokens", "6", "--judge-endpoint", judge_server,
                            "--judge-model", "judge", "--agnostic-nms", "--size-words", "0.2,0.4",
-                           "--grounding-order", "question")
+                           "--grounding-order", "question", "--grounding-counts")
     assert rc == 0, err
     lines = stdout.strip().splitlines()
     report = json.loads(lines[-1])
@@ -350,7 +350,9 @@ def test_eval_cli_end_to_end(capsys, tiny_idefics3, tiny_yolo, adapter, judge_se
     assert Path(detector.pop("model")).stem == tiny_yolo.stem  # the .pt, or an .onnx exported next to it
     assert detector == {"imgsz": 64, "conf": 0.25, "iou": 0.7, "agnostic_nms": True}
     assert report["grounding"]["size_words"] == [0.2, 0.4] and report["grounding"]["positions"] == "words"
-    assert report["grounding"]["order"] == "question"
+    assert report["grounding"]["order"] == "question" and report["grounding"]["question_counts"] is True
+    grounded = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert all("\nCounts: " in r["prompt"] for r in grounded if r["grounded"])
     for cond in ("grounded", "ungrounded"):
         table = report["accuracy"][cond]
         assert table["all"]["total"] == report["questions"] > 0

@@ -19,6 +19,7 @@ from edge_vit.grounding import (
     describe_position,
     describe_size,
     ground,
+    question_counts,
     question_relevance,
     sanitize_name,
 )
@@ -259,6 +260,58 @@ def test_question_relevance_counts_size_words_only_when_written():
     assert question_relevance(d, "the star at top-left", GroundingConfig()).tolist() == [2, 1]
 
 
+SHAPE_NAMES = {0: "red circle", 1: "purple square", 2: "purple triangle", 3: "green square", 4: "red square",
+               5: "traffic light", 6: "person", 7: "green hexagon"}
+
+
+@pytest.mark.parametrize(
+    "instruction, expected",
+    [
+        # a colour alone sums over the classes that have it
+        ("How many purple objects are there?", [("purple", 2)]),
+        # colour and shape together: only the class with both (a red circle and a green square do not count)
+        ("Is there a red square?", [("red square", 0)]),
+        # a class of the model that is not in the frame counts 0
+        ("How many green hexagons?", [("green hexagon", 0)]),
+        # nothing named: no phrase (the total is on the line anyway)
+        ("How many objects are there in total?", []),
+        # two phrases, irregular plural, multi-word class name
+        ("How many traffic lights and people?", [("traffic light", 1), ("person", 2)]),
+        ("How many lights?", [("light", 1)]),
+        ("Are there more circles than squares?", [("circle", 1), ("square", 2)]),
+        # punctuation ends a phrase; a run no class has all of counts word by word; repeats once
+        ("Count the red, green squares", [("red", 1), ("green square", 1)]),
+        ("Is there a person circle?", [("person", 2), ("circle", 1)]),
+        ("Squares? SQUARES!", [("square", 2)]),
+        # words that are not class words (and no instruction)
+        ("Describe the scene.", []),
+        ("", []),
+    ],
+)
+def test_question_counts(instruction, expected):
+    objects = [0, 1, 2, 3, 5, 6, 6]  # red circle, purple square, purple triangle, green square, light, 2 people
+    d = dets([around(10 * i + 5, 10) for i in range(len(objects))], [0.9 - 0.1 * i for i in range(len(objects))],
+             objects, names=SHAPE_NAMES)
+    assert question_counts(d, instruction) == expected
+
+
+def test_counts_line_after_the_header_only_when_asked_for():
+    d = dets([around(50, 100), around(150, 500), around(250, 300)], [0.9, 0.8, 0.7], [1, 2, 0], names=SHAPE_NAMES)
+    q = "How many purple objects are there?"
+    on = ground(d, q, GroundingConfig(question_counts=True, max_tokens=200))
+    lines = on.grounding.splitlines()
+    assert lines[1] == "Counts: 3 in all, purple: 2."
+    assert lines[2:] == ground(d, q, GroundingConfig(max_tokens=200)).grounding.splitlines()[1:]
+    assert "Counts" not in ground(d, q, GroundingConfig(max_tokens=200)).grounding
+    none = ground(dets([], [], [], names=SHAPE_NAMES), "Any red squares?", GroundingConfig(question_counts=True))
+    assert none.grounding == "Detected objects: none.\nCounts: 0 in all, red square: 0."
+    # the line is dropped, not cut, when it does not fit beside the header
+    tight = GroundingConfig(question_counts=True, max_tokens=30)
+    assert ground(d, q, tight).grounding.splitlines()[0].startswith("Detected objects")
+    assert "Counts" not in ground(d, q, tight).grounding
+    assert approx_token_count(ground(d, q, tight).grounding) <= 30
+
+
 def test_confidence_ties_broken_by_index_and_nan_last():
     d = dets([around(50, 100)] * 4, [0.5, float("nan"), 0.5, 0.9], [0] * 4)
     assert ground(d, "q").mentioned == (3, 0, 2, 1)
@@ -450,6 +503,7 @@ def test_config_coerces_enum_values():
         {"size_words": (0.2, 1.5)},
         {"size_words": (0.2,)},
         {"size_words": "small"},
+        {"question_counts": "yes"},
     ],
 )
 def test_config_rejects(kwargs):
@@ -537,6 +591,7 @@ configs = st.builds(
     order=st.sampled_from(ObjectOrder),
     include_confidence=st.booleans(),
     size_words=st.one_of(st.none(), st.just((0.1, 0.3)), st.just((0.5, 1.0))),
+    question_counts=st.booleans(),
 )
 instructions = st.one_of(st.just(""), st.text(max_size=40))
 
@@ -633,6 +688,11 @@ def check_prompt(
     lines = p.grounding.split("\n")
     form = _check_counts_line(lines[0], d, display, cfg, allow_cut)
     body = lines[1:]
+    if cfg.question_counts and body and body[0].startswith("Counts: "):  # only right after the header, if at all
+        counted = "".join(f", {phrase}: {c}" for phrase, c in question_counts(d, instruction))
+        assert body[0] == f"Counts: {n} in all{counted}."
+        body = body[1:]
+    assert not any(line.startswith("Counts: ") for line in body)
     if mentioned and len(mentioned) < n:
         assert body[-1] == f"- and {n - len(mentioned)} more not listed"
         body = body[:-1]

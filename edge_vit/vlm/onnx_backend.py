@@ -27,9 +27,10 @@ exports (standard attention, growing KV ``Concat``) keep the paths above.
 
 Prefill graph: the quantized variants also hold ``decoder_prefill.onnx``, the same
 decoder with int8 ``DynamicQuantizeMatMul`` GEMMs, faster than the decode graph's
-``MatMulNBits`` over a prompt's many rows and no faster for one. On CPU the prompt
-goes through it and every new token through the decoder; both write the same KV
-buffers (each session has its own binding of them).
+``MatMulNBits`` over a prompt's many rows. On CPU the prompt goes through it and
+every new token through the decoder; both write the same KV buffers (each session
+has its own binding of them). An int8 variant written with ``--int8-kernel dynamic``
+has that graph as its decoder and no second one.
 """
 
 from __future__ import annotations
