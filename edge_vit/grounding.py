@@ -257,13 +257,14 @@ def ground(
     candidates = _ordered_indices(detections, config, instruction, display)
     has_lines = len(candidates) > 0
     header = _choose_header(display, n, has_lines, config, count_tokens)
-    if config.question_counts and count_tokens(header) <= config.max_tokens:
+    header_fits = count_tokens(header) <= config.max_tokens
+    if header_fits and config.question_counts:  # the counts line only beside a header that fits, and only whole
         with_counts = header + "\n" + _counts_line(n, question_counts(detections, instruction, display))
         if count_tokens(with_counts) <= config.max_tokens:
             header = with_counts
 
     mentioned: tuple[int, ...] = ()
-    if count_tokens(header) <= config.max_tokens:
+    if header_fits:
         lines: list[str] = []  # built lazily: a small budget needs only the first few
 
         def listing(k: int) -> str:
