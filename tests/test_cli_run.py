@@ -41,6 +41,26 @@ def test_run_on_clip_writes_jsonl_and_video(tmp_path, clip, tiny_yolo, tiny_idef
     assert "[frame 0]" in r.stdout  # answers stream to the console
 
 
+def test_grounding_counts_line_as_the_readme_runs_it(tmp_path, clip, tiny_yolo, tiny_idefics3):
+    """--grounding-counts: the line after the header counts the frame's detections and the class the prompt
+    names (the tiny detector's classes are named "0".."79")."""
+    out = tmp_path / "out.jsonl"
+    r = run_cli("run", "--source", str(clip), "--vlm", str(tiny_idefics3), "--detector", str(tiny_yolo),
+                "--imgsz", "64", "--conf", "0.0", "--jsonl", str(out), "--max-frames", "6", "--every", "0",
+                "--max-new-tokens", "4", "--prompt", "How many 7 are there?", "--grounding-counts")
+    assert r.returncode == 0, r.stderr
+    events = read_jsonl(out)
+    assert events[0]["grounding"]["question_counts"] is True
+    counts = {e["frame"]: e["counts"] for e in by_type(events, "detections")}
+    answers = by_type(events, "answer")
+    assert answers, "no answer events"
+    for a in answers:
+        lines = a["grounding"].splitlines()
+        frame = counts[a["frame"]]
+        assert lines[0].startswith("Detected objects")
+        assert lines[1] == f"Counts: {sum(frame.values())} in all, 7: {frame.get('7', 0)}."
+
+
 def test_llava_on_image_folder_without_grounding(tmp_path, tiny_yolo, tiny_llava):
     import cv2
     import numpy as np
