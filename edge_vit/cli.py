@@ -37,6 +37,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, source_required: bool = Tru
     g.add_argument("--detector", default=DEFAULT_DETECTOR, help="Ultralytics model: .pt, .yaml, .onnx or .engine")
     g.add_argument("--imgsz", type=int, default=640, help="detector input size (multiple of 32)")
     g.add_argument("--conf", type=float, default=0.25, help="detector confidence threshold")
+    g.add_argument("--iou", type=float, default=0.7,
+                   help="NMS IoU threshold: a box overlapping a kept one by more is dropped (Ultralytics' iou)")
     g.add_argument("--classes", default=None, help="comma-separated class names (or ids) to keep, e.g. person,car")
     g.add_argument("--agnostic-nms", action=argparse.BooleanOptionalAction, default=False,
                    help="NMS across classes: one box per object when an object can only be one class")
@@ -83,7 +85,7 @@ def build_and_run(args: argparse.Namespace) -> int:
 
     device = args.device
     detector_config = DetectorConfig(
-        model=args.detector, conf=args.conf, imgsz=args.imgsz, track=args.track,
+        model=args.detector, conf=args.conf, iou=args.iou, imgsz=args.imgsz, track=args.track,
         prefer_exported=args.prefer_exported, agnostic_nms=args.agnostic_nms,
         classes=tuple(c for c in args.classes.split(",") if c.strip()) if args.classes else None,
         device=device,
@@ -166,7 +168,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     argv = [
         "run", "--source", str(paths.clip), "--detector", str(paths.detector), "--vlm", str(paths.vlm),
         "--backend", paths.vlm_backend,
-        "--imgsz", str(paths.imgsz), "--conf", str(paths.conf), "--grounding-tokens", str(paths.grounding_tokens),
+        "--imgsz", str(paths.imgsz), "--conf", str(paths.conf), "--iou", str(paths.iou),
+        "--grounding-tokens", str(paths.grounding_tokens),
         "--jsonl", str(paths.jsonl), "--save-video", str(paths.video),
         # Every frame may be answered: with several questions the runner asks the next one whenever the VLM is free.
         "--every", "0", "--max-new-tokens", "24", "--status-every", "2",

@@ -47,6 +47,8 @@ class DetectorConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.conf <= 1.0:
             raise EdgeVitError(f"--conf must be in [0, 1], got {self.conf}")
+        if not 0.0 < self.iou <= 1.0:
+            raise EdgeVitError(f"--iou must be in (0, 1], got {self.iou}")
         if self.imgsz < 32 or self.imgsz % 32:
             raise EdgeVitError(f"--imgsz must be a multiple of 32 and >= 32, got {self.imgsz}")
 

@@ -22,6 +22,22 @@ from edge_vit.argtypes import (add_grounding_args, fraction, grounding_from_args
 __all__ = ["add_finetune_commands"]
 
 
+def focus_share(text: str) -> tuple[str, float]:
+    """"count:0.5": a question kind and the share of conversation turns to give it (0 < SHARE <= 1)."""
+    from finetune.instruct import QUESTION_KINDS
+
+    kind, _, share = text.partition(":")
+    try:
+        value = float(share)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KIND:SHARE (e.g. count:0.5), got {text!r}") from None
+    if kind not in QUESTION_KINDS:
+        raise argparse.ArgumentTypeError(f"KIND must be one of {', '.join(QUESTION_KINDS)}, got {kind!r}")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"SHARE must be in (0, 1], got {value}")
+    return kind, value
+
+
 def add_finetune_commands(subparsers) -> None:
     """Register ``finetune`` with its subcommands (shapes, data, train, merge, eval) on ``subparsers``."""
     from finetune.instruct import SampleKind
@@ -68,6 +84,9 @@ def add_finetune_commands(subparsers) -> None:
                    help="template: question turns per conversation (default 3,5)")
     t.add_argument("--per-kind", type=positive_int, default=2,
                    help="template: at most this many questions of each kind (count, exists, colour, ...) per scene")
+    t.add_argument("--focus", type=focus_share, default=None, metavar="KIND:SHARE",
+                   help="template: make SHARE of the conversation turns questions of KIND (count, exists, colour, "
+                        "position, size), e.g. count:0.5 for a model that miscounts")
     t.add_argument("--endpoint", default="http://127.0.0.1:8000/v1", help="openai: API base URL")
     t.add_argument("--model", default=None, help="openai: model name the endpoint serves")
     t.add_argument("--timeout", type=positive_float, default=60.0, help="openai: seconds per request")
@@ -231,6 +250,7 @@ def _add_eval(sub) -> None:
     e.add_argument("--tiling", choices=[p.value for p in TilingPolicy], default=TilingPolicy.SINGLE.value)
     e.add_argument("--max-new-tokens", type=positive_int, default=16)
     e.add_argument("--conf", type=float, default=0.25, help="detector confidence threshold")
+    e.add_argument("--iou", type=float, default=0.7, help="detector NMS IoU threshold (the demo detector: 0.5)")
     e.add_argument("--agnostic-nms", action=argparse.BooleanOptionalAction, default=False,
                    help="NMS across classes (one box per object); the demo detector's colour-shape classes want it")
     e.add_argument("--detector-imgsz", type=int, default=None, help="detector input size (default: --imgsz)")
@@ -283,7 +303,8 @@ def cmd_data(args: argparse.Namespace) -> int:
                                 timeout_s=args.timeout, max_retries=args.retries, backoff_s=args.backoff,
                                 temperature=args.temperature)
     else:
-        teacher = TemplateTeacher(prompts, min_turns=args.turns[0], max_turns=args.turns[1], per_kind=args.per_kind)
+        teacher = TemplateTeacher(prompts, min_turns=args.turns[0], max_turns=args.turns[1], per_kind=args.per_kind,
+                                  focus=args.focus)
     manifest = build_instruct_data(Path(args.dataset), Path(args.out), teacher, config)
     counts, skipped = manifest["counts"], manifest["skipped"]
     print(f"wrote {counts['samples']} samples from {counts['images']} images "
@@ -365,7 +386,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         shutil.rmtree(root)
     try:
         ultralytics_logs_to_stderr()  # it logs while loading the detector; stdout is the report
-        detector = Detector.load(DetectorConfig(model=args.detector, conf=args.conf, imgsz=detector_imgsz,
+        detector = Detector.load(DetectorConfig(model=args.detector, conf=args.conf, iou=args.iou, imgsz=detector_imgsz,
                                                 device=args.device, agnostic_nms=args.agnostic_nms))
         bench = dataclasses.replace(bench, labels=label_scheme(detector.names))
         if args.backend == "onnx":

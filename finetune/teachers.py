@@ -35,6 +35,7 @@ import numpy as np
 from edge_vit.errors import EdgeVitError
 from finetune.instruct import (
     QA,
+    QUESTION_KINDS,
     TEMPLATE_VERSION,
     SampleKind,
     Scene,
@@ -102,20 +103,28 @@ class TemplateTeacher:
     """
 
     def __init__(self, prompts: PromptSet, min_turns: int = 3, max_turns: int = 5,
-                 colours: tuple[str, ...] = COLOUR_NAMES, per_kind: int = 2) -> None:
+                 colours: tuple[str, ...] = COLOUR_NAMES, per_kind: int = 2,
+                 focus: tuple[str, float] | None = None) -> None:
         if not 1 <= min_turns <= max_turns:
             raise ValueError(f"TemplateTeacher: need 1 <= min_turns <= max_turns, got {min_turns}, {max_turns}")
         if per_kind < 1:
             raise ValueError(f"TemplateTeacher: need per_kind >= 1, got {per_kind}")
+        if focus is not None and (focus[0] not in QUESTION_KINDS or not 0.0 < focus[1] <= 1.0):
+            raise ValueError(f"TemplateTeacher: focus must be (one of {', '.join(QUESTION_KINDS)}, a share in "
+                             f"(0, 1]), got {focus}")
         self.per_kind = per_kind
+        self.focus = None if focus is None else (focus[0], float(focus[1]))
         self.prompts = prompts
         self.min_turns = min_turns
         self.max_turns = max_turns
         self.colours = colours
 
     def info(self) -> dict:
-        return {"name": "template", "version": TEMPLATE_VERSION, "min_turns": self.min_turns,
+        info = {"name": "template", "version": TEMPLATE_VERSION, "min_turns": self.min_turns,
                 "max_turns": self.max_turns, "per_kind": self.per_kind, **self.prompts.info()}
+        if self.focus is not None:  # absent otherwise: manifests written before it stay comparable
+            info["focus"] = {"kind": self.focus[0], "share": self.focus[1]}
+        return info
 
     def write(self, scene: Scene, kind: SampleKind, rng: np.random.Generator) -> list[QA]:
         if kind is SampleKind.DETAILED:
@@ -127,7 +136,21 @@ class TemplateTeacher:
         triples = scene_questions(scene.objects, rng, classes=scene.classes, colours=self.colours,
                                   per_kind=self.per_kind)
         n = int(rng.integers(self.min_turns, self.max_turns + 1))
+        if self.focus is not None:
+            triples = self._focused(triples, n, rng)
         return [QA(q, a, k) for k, q, a in triples[:n]]
+
+    def _focused(self, triples: list, n: int, rng: np.random.Generator) -> list:
+        """Up to ``n`` turns, each of the focus kind with probability ``share`` (while the scene has questions of
+        both), else of the other kinds in their shuffled order: data aimed at what a model gets wrong."""
+        kind, share = self.focus
+        focus = [t for t in triples if t[0] == kind]
+        other = [t for t in triples if t[0] != kind]
+        chosen = []
+        while len(chosen) < n and (focus or other):
+            first, second = (focus, other) if rng.random() < share else (other, focus)
+            chosen.append((first or second).pop(0))
+        return chosen
 
 
 # ---------------------------------------------------------------- the chat-endpoint teacher

@@ -133,6 +133,7 @@ def test_bad_flag_values_are_usage_errors(args, message):
         (["--vlm", "{notmodel}"], "expected a transformers model folder"),
         (["--classes", "unicorn"], "unknown class 'unicorn'"),
         (["--imgsz", "100"], "--imgsz must be a multiple of 32"),
+        (["--iou", "0"], "--iou must be in (0, 1], got 0.0"),
         (["--jsonl", "/proc/forbidden/out.jsonl"], "cannot write JSONL file"),
     ],
 )
@@ -212,12 +213,13 @@ def test_run_reconnects_to_a_live_stream_and_continues(tmp_path, tiny_yolo, tiny
     assert answers_after, "the VLM keeps answering after the reconnect"
 
 
-def _max_cross_class_iou(objects) -> float:
-    """The largest IoU between two boxes of different classes in one frame's objects."""
+def _max_cross_class_iou(objects, same_class: bool = False) -> float:
+    """The largest IoU between two boxes of different classes (``same_class``: of any classes) in one frame's
+    objects."""
     best = 0.0
     for i, a in enumerate(objects):
         for b in objects[i + 1:]:
-            if a["class_id"] == b["class_id"]:
+            if a["class_id"] == b["class_id"] and not same_class:
                 continue
             (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a["xyxy"], b["xyxy"]
             inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
@@ -242,16 +244,22 @@ def test_agnostic_nms_keeps_one_box_per_place_across_classes(tmp_path):
         pytest.skip("the demo detector is not installed")
     render_benchmark(tmp_path / "bench", BenchConfig(seed=2026, size=12, imgsz=320))
     runs = {}
-    for flag in ("--no-agnostic-nms", "--agnostic-nms"):
-        out = tmp_path / f"{flag}.jsonl"
+    for flag, iou in (("--no-agnostic-nms", "0.7"), ("--agnostic-nms", "0.7"), ("--agnostic-nms", "0.5")):
+        out = tmp_path / f"{flag}-{iou}.jsonl"
         r = run_cli("run", "--source", str(tmp_path / "bench" / "images" / "val"), "--vlm", "none",
-                    "--detector", str(detector), "--imgsz", "256", "--jsonl", str(out), "--quiet", flag)
+                    "--detector", str(detector), "--imgsz", "256", "--jsonl", str(out), "--quiet", flag,
+                    "--iou", iou)
         assert r.returncode == 0, r.stderr
         assert r.stdout == ""  # --quiet; Ultralytics' "Loading ... for ONNX Runtime inference" goes to stderr
-        runs[flag] = read_jsonl(out)
-    for flag, events in runs.items():
-        assert events[0]["detector_settings"] == {"imgsz": 256, "conf": 0.25, "iou": 0.7, "track": False,
+        runs[flag, iou] = events = read_jsonl(out)
+        assert events[0]["detector_settings"] == {"imgsz": 256, "conf": 0.25, "iou": float(iou), "track": False,
                                                   "agnostic_nms": flag == "--agnostic-nms"}
+    # --iou 0.5 (the demo's): no two kept boxes of any classes overlap above it; at 0.7 some did (one shape,
+    # two boxes: seen on 1 of these 12 scenes at IoU 0.66).
+    any_class = {iou: [_max_cross_class_iou(e["objects"], same_class=True)
+                       for e in by_type(runs["--agnostic-nms", iou], "detections")] for iou in ("0.7", "0.5")}
+    assert len(any_class["0.5"]) == 12 and max(any_class["0.5"]) <= 0.5 < max(any_class["0.7"])
+    runs = {flag: runs[flag, "0.7"] for flag in ("--no-agnostic-nms", "--agnostic-nms")}
     per_class = [_max_cross_class_iou(e["objects"]) for e in by_type(runs["--no-agnostic-nms"], "detections")]
     agnostic = [_max_cross_class_iou(e["objects"]) for e in by_type(runs["--agnostic-nms"], "detections")]
     assert len(per_class) == len(agnostic) == 12

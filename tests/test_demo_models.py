@@ -6,6 +6,7 @@ It never retrains the shipped models (that takes hours); it proves the script th
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -19,10 +20,12 @@ from finetune.demo_models import STEPS, DemoRecipe, install, pretrain_texts, run
 def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     out = tmp_path / "run"
     recipe = replace(DemoRecipe.quick(), pretrain_rounds=((40, 2e-3), (10, 1e-3)), threads=1,
-                     stage2_rounds=((40, 1e-2), (6, 1e-2)), question_order_from_round=1, question_counts_from_round=1)
+                     stage2_rounds=((40, 1e-2), (6, 1e-2), (6, 1e-2)), question_order_from_round=1,
+                     question_counts_from_round=1, focus_from_round=2)
     summary = run_demo_models(out, recipe, steps=STEPS, install_to=tmp_path / "installed")
     assert set(summary["seconds"]) == {"shapes", "detector", "instruct", "base", "stage1", "stage2", "stage2b",
-                                       "eval stage1", "eval stage2", "eval stage2b", "export", "install"}
+                                       "stage2c", "eval stage1", "eval stage2", "eval stage2b", "eval stage2c",
+                                       "export", "install"}
     # The installed models.json holds this run's reports, the export step's included.
     installed = json.loads((tmp_path / "installed" / "models.json").read_text())
     assert installed["export"] == json.loads(json.dumps(summary["export"])) and installed["eval"]
@@ -70,6 +73,13 @@ def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
     assert [summary["eval"][n]["grounding"]["question_counts"] for n in ("stage1", "stage2", "stage2b")] == [
         False, False, True]
     assert installed["grounding"]["order"] == "question" and installed["grounding"]["question_counts"] is True
+    # From focus_from_round on, the same scenes with the samples' kinds cycling through focus_kinds and the
+    # conversations asking counting questions for focus[1] of their turns.
+    focused = out / "instruct-sizes-question-counts-count75"
+    assert json.loads((focused / "manifest.json").read_text())["teacher"]["focus"] == {"kind": "count", "share": 0.75}
+    kinds = Counter(s["kind"] for s in json.loads((focused / "instruct.json").read_text()))
+    assert kinds["conversation"] > kinds["detailed"] + kinds["reasoning"]
+    assert summary["stage2c"]["data"]["file"].endswith("instruct-sizes-question-counts-count75/instruct.json")
     pre = summary["pretrain"]  # one report per stage-0 round, each continuing from the last
     assert [(r["steps"], r["lr"]) for r in pre] == [(40, 2e-3), (10, 1e-3)]
     assert pre[0]["final_loss"] < 0.8 * pre[0]["first_loss"]  # stage 0 learns the description text
@@ -269,3 +279,25 @@ def test_stage0_on_cuda_learns_like_cpu(tmp_path):
     assert report["final_loss"] < 0.5 * report["first_loss"]
     assert len((tmp_path / "loss.jsonl").read_text().splitlines()) == 150
     assert {t.dtype for t in load_file(folder / "model.safetensors").values()} == {torch.float32}
+
+
+def test_an_export_older_than_the_demo_vlm_is_redone(tmp_path):
+    """The export step reuses a finished export only if it was made after the demo VLM last changed: a stage-2
+    round added to a run folder must not be scored (and shipped) through the previous VLM's ONNX graphs."""
+    import os
+
+    from export import io_spec
+    from finetune.demo_models import _finished_after
+
+    vlm = tmp_path / "stage2f" / "model.safetensors"
+    vlm.parent.mkdir()
+    vlm.write_bytes(b"weights")
+    export = tmp_path / "onnx" / "fp32"
+    export.mkdir(parents=True)
+    assert not _finished_after(export, vlm)  # unfinished: no manifest yet
+    (export / io_spec.MANIFEST).write_text("{}")
+    os.utime(vlm, (1_000, 1_000))
+    os.utime(export / io_spec.MANIFEST, (2_000, 2_000))
+    assert _finished_after(export, vlm)
+    os.utime(vlm, (3_000, 3_000))  # a new round merged after the export
+    assert not _finished_after(export, vlm)

@@ -586,6 +586,57 @@ def test_cli_dense_conversations_turns_and_per_kind(shapes_ds, tmp_path, capsys)
     assert not (tmp_path / "o").exists()
 
 
+def test_focus_gives_its_kind_that_share_of_the_turns(prompts):
+    """TemplateTeacher(focus=(kind, share)): each turn is a question of that kind with probability share (while
+    the scene has both), the rest keep the other kinds; the answers stay exact."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    scenes = [SimpleNamespace(classes=SHAPE_CLASSES, background=None, objects=tuple(
+        SceneObject(name=str(rng.choice(SHAPE_CLASSES)), position=str(rng.choice(POSITIONS)),
+                    colour=str(rng.choice(COLOUR_NAMES)), size=str(rng.choice(SIZES)))
+        for _ in range(int(rng.integers(1, 7))))) for _ in range(400)]
+
+    def turns(teacher):
+        return [(scene, qa) for k, scene in enumerate(scenes)
+                for qa in teacher.write(scene, SampleKind.CONVERSATION, np.random.default_rng(k))]
+
+    def share(pairs, kind="count"):
+        return sum(qa.kind == kind for _, qa in pairs) / len(pairs)
+
+    plain = turns(TemplateTeacher(prompts, min_turns=1, max_turns=1))
+    focused = turns(TemplateTeacher(prompts, min_turns=1, max_turns=1, focus=("count", 0.75)))
+    assert len(plain) == len(focused) == len(scenes)
+    assert share(plain) < 0.3 and abs(share(focused) - 0.75) < 0.06, (share(plain), share(focused))
+    # Longer conversations: a scene has at most per_kind (2) position questions, then the turns go to the others.
+    longer = turns(TemplateTeacher(prompts, min_turns=3, max_turns=5, focus=("position", 1.0)))
+    assert 0.3 < share(longer, "position") < 0.7 and share(longer, "position") > 2 * share(turns(
+        TemplateTeacher(prompts, min_turns=3, max_turns=5)), "position")
+    for scene, qa in focused + longer:
+        assert answer_key(qa.kind, qa.answer) == oracle(qa.question, scene.objects), qa
+    for bad in (("counting", 0.5), ("count", 0.0), ("count", 1.5)):
+        with pytest.raises(ValueError, match="focus must be"):
+            TemplateTeacher(prompts, focus=bad)
+
+
+def test_cli_focus_is_recorded_and_checked(shapes_ds, tmp_path, capsys):
+    from edge_vit.cli import main
+
+    out = tmp_path / "focus"
+    assert main(["finetune", "data", "--dataset", str(shapes_ds / "data.yaml"), "--out", str(out),
+                 "--samples-per-image", "4", "--kinds", "conversation", "--turns", "1,1", "--focus", "count:1"]) == 0
+    samples = json.loads((out / "instruct.json").read_text())
+    assert json.loads((out / "manifest.json").read_text())["teacher"]["focus"] == {"kind": "count", "share": 1.0}
+    assert {k for s in samples for k in s["meta"]["qa_kinds"]} == {"count"}
+    for bad, message in ((["--focus", "count"], "expected KIND:SHARE"), (["--focus", "shape:0.5"], "KIND must be one of"),
+                         (["--focus", "count:0"], "SHARE must be in (0, 1]")):
+        with pytest.raises(SystemExit) as e:
+            main(["finetune", "data", "--dataset", str(shapes_ds / "data.yaml"), "--out", str(tmp_path / "o"), *bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("edge-vit finetune data: error: argument --focus: ") and message in err[-1], err[-1]
+
+
 def test_size_words_in_the_grounding_are_the_datasets_sizes(shapes_ds, tmp_path):
     from edge_vit.cli import main
     from finetune.shapes import SIZE_THRESHOLDS
