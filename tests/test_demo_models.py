@@ -97,9 +97,9 @@ def test_quick_recipe_runs_every_step_and_installs(tmp_path, capsys):
         assert report["detector_val"]["classes_match"]  # the detector has the colour-shape classes
     # The exported variants answer the same benchmark through the ONNX Runtime backend.
     assert set(summary["export"]) == {"fp32", "int8", "int4"}
-    assert summary["export"]["fp32"]["questions"] == summary["eval"]["stage2b"]["questions"]
+    assert summary["export"]["fp32"]["questions"] == summary["eval"]["stage2c"]["questions"]
     fp32_answers = (out / "eval" / "onnx-fp32" / "answers.jsonl").read_text().splitlines()
-    torch_answers = (out / "eval" / "stage2b" / "answers.jsonl").read_text().splitlines()
+    torch_answers = (out / "eval" / "stage2c" / "answers.jsonl").read_text().splitlines()  # the last round's
     assert [json.loads(a)["prediction"] for a in fp32_answers] == [json.loads(a)["prediction"] for a in torch_answers]
     # Stage 0 reads the dense conversations and the descriptions as text-only chats in the model's own template.
     from transformers import AutoProcessor
