@@ -211,8 +211,12 @@ def _tuned_grounding(assets: Path) -> dict:
     except (ValueError, AttributeError):
         value = None
     if not isinstance(value, dict):
-        raise ModelLoadError(f"{path}: unreadable demo model record; rebuild with: {REBUILD}")
+        raise _unreadable_record(assets)
     return value
+
+
+def _unreadable_record(assets: Path) -> ModelLoadError:
+    return ModelLoadError(f"{Path(assets) / 'models.json'}: unreadable demo model record; rebuild with: {REBUILD}")
 
 
 def tuned_size_words(assets: Path) -> tuple[float, float] | None:
@@ -224,8 +228,7 @@ def tuned_size_words(assets: Path) -> tuple[float, float] | None:
     try:
         return None if value is None else (float(value[0]), float(value[1]))
     except (ValueError, TypeError, IndexError, KeyError):
-        raise ModelLoadError(f"{Path(assets) / 'models.json'}: unreadable demo model record; rebuild with: "
-                             f"{REBUILD}") from None
+        raise _unreadable_record(assets) from None
 
 
 def tuned_order(assets: Path) -> str:
@@ -244,8 +247,7 @@ def tuned_counts(assets: Path) -> bool:
     """Whether the shipped VLM was tuned with the grounding's counts line (``models.json``; False if unsaid)."""
     value = _tuned_grounding(assets).get("question_counts", False)
     if not isinstance(value, bool):
-        raise ModelLoadError(f"{Path(assets) / 'models.json'}: unreadable demo model record; rebuild with: "
-                             f"{REBUILD}")
+        raise _unreadable_record(assets)
     return value
 
 

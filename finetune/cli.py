@@ -24,18 +24,17 @@ __all__ = ["add_finetune_commands"]
 
 def focus_share(text: str) -> tuple[str, float]:
     """"count:0.5": a question kind and the share of conversation turns to give it (0 < SHARE <= 1)."""
-    from finetune.instruct import QUESTION_KINDS
+    from finetune.teachers import check_focus
 
     kind, _, share = text.partition(":")
     try:
         value = float(share)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected KIND:SHARE (e.g. count:0.5), got {text!r}") from None
-    if kind not in QUESTION_KINDS:
-        raise argparse.ArgumentTypeError(f"KIND must be one of {', '.join(QUESTION_KINDS)}, got {kind!r}")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"SHARE must be in (0, 1], got {value}")
-    return kind, value
+    try:  # the teacher owns the bounds
+        return check_focus(kind, value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_finetune_commands(subparsers) -> None:

@@ -92,6 +92,15 @@ def load_prompts(version: str = DEFAULT_PROMPT_VERSION, prompts_dir: Path = PROM
 # ---------------------------------------------------------------- the template teacher
 
 
+def check_focus(kind: str, share: float) -> tuple[str, float]:
+    """A template teacher's focus, checked: a question kind and the share of turns it gets (0 < SHARE <= 1)."""
+    if kind not in QUESTION_KINDS:
+        raise ValueError(f"KIND must be one of {', '.join(QUESTION_KINDS)}, got {kind!r}")
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"SHARE must be in (0, 1], got {share}")
+    return kind, float(share)
+
+
 class TemplateTeacher:
     """Answers computed from the labels: exact, offline, deterministic given the Generator.
 
@@ -109,11 +118,13 @@ class TemplateTeacher:
             raise ValueError(f"TemplateTeacher: need 1 <= min_turns <= max_turns, got {min_turns}, {max_turns}")
         if per_kind < 1:
             raise ValueError(f"TemplateTeacher: need per_kind >= 1, got {per_kind}")
-        if focus is not None and (focus[0] not in QUESTION_KINDS or not 0.0 < focus[1] <= 1.0):
-            raise ValueError(f"TemplateTeacher: focus must be (one of {', '.join(QUESTION_KINDS)}, a share in "
-                             f"(0, 1]), got {focus}")
+        if focus is not None:
+            try:
+                focus = check_focus(*focus)
+            except ValueError as e:
+                raise ValueError(f"TemplateTeacher: focus must be (KIND, SHARE): {e}") from None
         self.per_kind = per_kind
-        self.focus = None if focus is None else (focus[0], float(focus[1]))
+        self.focus = focus
         self.prompts = prompts
         self.min_turns = min_turns
         self.max_turns = max_turns

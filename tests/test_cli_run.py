@@ -213,13 +213,13 @@ def test_run_reconnects_to_a_live_stream_and_continues(tmp_path, tiny_yolo, tiny
     assert answers_after, "the VLM keeps answering after the reconnect"
 
 
-def _max_cross_class_iou(objects, same_class: bool = False) -> float:
-    """The largest IoU between two boxes of different classes (``same_class``: of any classes) in one frame's
+def _max_cross_class_iou(objects, any_class: bool = False) -> float:
+    """The largest IoU between two boxes of different classes (``any_class``: of any classes) in one frame's
     objects."""
     best = 0.0
     for i, a in enumerate(objects):
         for b in objects[i + 1:]:
-            if a["class_id"] == b["class_id"] and not same_class:
+            if a["class_id"] == b["class_id"] and not any_class:
                 continue
             (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a["xyxy"], b["xyxy"]
             inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
@@ -256,7 +256,7 @@ def test_agnostic_nms_keeps_one_box_per_place_across_classes(tmp_path):
                                                   "agnostic_nms": flag == "--agnostic-nms"}
     # --iou 0.5 (the demo's): no two kept boxes of any classes overlap above it; at 0.7 some did (one shape,
     # two boxes: seen on 1 of these 12 scenes at IoU 0.66).
-    any_class = {iou: [_max_cross_class_iou(e["objects"], same_class=True)
+    any_class = {iou: [_max_cross_class_iou(e["objects"], any_class=True)
                        for e in by_type(runs["--agnostic-nms", iou], "detections")] for iou in ("0.7", "0.5")}
     assert len(any_class["0.5"]) == 12 and max(any_class["0.5"]) <= 0.5 < max(any_class["0.7"])
     runs = {flag: runs[flag, "0.7"] for flag in ("--no-agnostic-nms", "--agnostic-nms")}
