@@ -336,7 +336,7 @@ def test_eval_cli_end_to_end(capsys, tiny_idefics3, tiny_yolo, adapter, judge_se
     rc, stdout, err = _cli(capsys, "finetune", "eval", "--vlm", str(tiny_idefics3), "--adapter", str(adapter),
                            "--detector", str(tiny_yolo), "--seed", "3", "--size", "3", "--imgsz", "64",
                            "--out", str(out), "--max-new-tokens", "6", "--judge-endpoint", judge_server,
-                           "--judge-model", "judge", "--agnostic-nms", "--size-words", "0.2,0.4",
+                           "--judge-model", "judge", "--agnostic-nms", "--iou", "0.5", "--size-words", "0.2,0.4",
                            "--grounding-order", "question", "--grounding-counts")
     assert rc == 0, err
     lines = stdout.strip().splitlines()
@@ -348,7 +348,7 @@ def test_eval_cli_end_to_end(capsys, tiny_idefics3, tiny_yolo, adapter, judge_se
     assert report["type"] == "eval" and report["images"] == 3 and report["adapter"] == str(adapter)
     detector = dict(report["detector_settings"])
     assert Path(detector.pop("model")).stem == tiny_yolo.stem  # the .pt, or an .onnx exported next to it
-    assert detector == {"imgsz": 64, "conf": 0.25, "iou": 0.7, "agnostic_nms": True}
+    assert detector == {"imgsz": 64, "conf": 0.25, "iou": 0.5, "agnostic_nms": True}
     assert report["grounding"]["size_words"] == [0.2, 0.4] and report["grounding"]["positions"] == "words"
     assert report["grounding"]["order"] == "question" and report["grounding"]["question_counts"] is True
     grounded = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
@@ -368,7 +368,7 @@ def test_eval_cli_end_to_end(capsys, tiny_idefics3, tiny_yolo, adapter, judge_se
     assert (out / "benchmark" / "data.yaml").is_file()
 
 
-@pytest.mark.parametrize("case", ["missing detector", "not a model", "bad adapter", "judge without model"])
+@pytest.mark.parametrize("case", ["missing detector", "not a model", "bad adapter", "judge without model", "bad iou"])
 def test_eval_bad_inputs_end_with_one_error_line(case, capsys, tiny_idefics3, tiny_yolo, tmp_path):
     not_model = tmp_path / "not-a-model"
     not_model.mkdir()
@@ -379,6 +379,7 @@ def test_eval_bad_inputs_end_with_one_error_line(case, capsys, tiny_idefics3, ti
         "bad adapter": ["--vlm", str(tiny_idefics3), "--adapter", str(not_model), "--detector", str(tiny_yolo)],
         "judge without model": ["--vlm", str(tiny_idefics3), "--detector", str(tiny_yolo),
                                 "--judge-endpoint", "http://127.0.0.1:9/v1"],
+        "bad iou": ["--vlm", str(tiny_idefics3), "--detector", str(tiny_yolo), "--iou", "1.5"],
     }[case]
     rc, _, err = _cli(capsys, *base, *args)
     assert rc == 2
