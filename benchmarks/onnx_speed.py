@@ -10,7 +10,9 @@ runs the product's own path, ``OnnxVLM.generate``, on one 512 px tile and a grou
 generation each per round) so a change in machine load hits them alike; one warm-up round is
 excluded; medians are reported.
 
-Decode is memory-bound: the limit is bandwidth / decoder weight bytes read per token. It is given
+Decode is memory-bound: the limit is bandwidth / decoder weight bytes read per token. The GEMV
+floor is the variant's own weight GEMVs run alone, one row each (``gemv_floor_graph``): the tok/s a
+decode step could reach with these kernels if attention, norms and the loop cost nothing. It is given
 for the nominal 30 GB/s of FIELD-NOTES and for the bandwidth an fp32 GEMV in ONNX Runtime reaches
 right now (a probe before and after), since other jobs on a shared machine change it. Prints a
 table, then one JSON line last.
@@ -85,6 +87,65 @@ def gemv_bandwidth_gbs(threads: int, rounds: int = 20) -> float:
     return weight.nbytes / statistics.median(times) / 1e9
 
 
+WEIGHT_GEMMS = ("MatMul", "MatMulNBits", "DynamicQuantizeMatMul")
+
+
+def gemv_floor_graph(folder: Path):
+    """The decoder's weight GEMMs alone, each on a one-row input of its K, in graph order and independent.
+
+    Every ``MatMul``/``MatMulNBits``/``DynamicQuantizeMatMul`` whose weight is an initializer keeps its node
+    (op, attributes, weight and scale initializers) and gets ``x<K>`` as its activation; attention, norms and
+    everything else are left out. Its run time is what one decode step's weights cost with these kernels.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export import io_spec
+
+    model = onnx.load(str(folder / io_spec.DECODER))
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, keep, widths, outputs = [], set(), set(), []
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_GEMMS or node.input[1] not in inits:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        k = int(attrs["K"]) if node.op_type == "MatMulNBits" else int(inits[node.input[1]].dims[0])
+        out = f"y{len(nodes)}"
+        nodes.append(helper.make_node(node.op_type, [f"x{k}", *node.input[1:]], [out], domain=node.domain, **attrs))
+        keep.update(name for name in node.input[1:] if name)
+        widths.add(k)
+        outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+    inputs = [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in sorted(widths)]
+    graph = helper.make_graph(nodes, "decoder_gemvs", inputs, outputs, [inits[name] for name in sorted(keep)])
+    floor = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    return floor, sorted(widths)
+
+
+def gemv_floor_ms(folder: Path, threads: int, huge_pages: bool = True, rounds: int = 30) -> float:
+    """Median time of ``gemv_floor_graph`` (the fastest a decode step can be with these kernels), in ms;
+    its weights on the pages the decoder's would be on (``OrtConfig.huge_pages``)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from edge_vit.vlm.hugepages import new_memory_on_huge_pages
+
+    model, widths = gemv_floor_graph(folder)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    with new_memory_on_huge_pages(huge_pages):
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {f"x{k}": np.random.default_rng(k).standard_normal((1, k), dtype=np.float32) for k in widths}
+    for _ in range(5):
+        session.run(None, feeds)
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
 def benchmark_case(count_tokens, prompt_tokens: int, image_tokens: int):
     """A 512x512 synthetic frame and a grounded prompt of about ``prompt_tokens`` (image and template included)."""
     import numpy as np
@@ -140,9 +201,11 @@ def run(args: argparse.Namespace) -> dict:
     folders = build_variants(model_dir, variants_dir, names)
 
     load_before, bw_before = os.getloadavg()[0], gemv_bandwidth_gbs(args.threads)
-    ort_config = OrtConfig(threads=args.threads)
+    ort_config = OrtConfig(threads=args.threads, huge_pages=args.huge_pages == "on")
     vlms = {name: OnnxVLM.load(folder, ort_config=ort_config) for name, folder in folders.items()}
     first = vlms[names[0]]
+    huge_pages = {name: vlm.huge_pages.as_dict() for name, vlm in vlms.items()}
+    precision = {name: vlm.manifest.get("optimization", {}).get("precision") for name, vlm in vlms.items()}
     frame, prompt = benchmark_case(first.count_tokens, args.prompt_tokens,
                                    int(first.manifest.get("tiling", {}).get("tokens_per_tile", 64)))
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
@@ -153,6 +216,8 @@ def run(args: argparse.Namespace) -> dict:
             if round_ > 0:
                 stats[name].append(steps[-1].stats)
     bw_after, load_after = gemv_bandwidth_gbs(args.threads), os.getloadavg()[0]
+    del vlms, first  # the floor graphs below hold the weights again
+    floors = {name: gemv_floor_ms(folders[name], args.threads, args.huge_pages == "on") for name in names}
     bandwidth = statistics.median([bw_before, bw_after])
 
     results = []
@@ -164,7 +229,7 @@ def run(args: argparse.Namespace) -> dict:
         tok_s = statistics.median(s.decode_tok_s for s in runs)
         results.append({
             "variant": name, "folder": str(folders[name]),
-            "precision": vlms[name].manifest.get("optimization", {}).get("precision"),
+            "precision": precision[name],
             "prompt_tokens": runs[0].prompt_tokens, "image_tokens": runs[0].image_tokens,
             "new_tokens": runs[0].new_tokens, "runs": len(runs),
             "vision_ms": round(med["vision_ms"], 1), "prefill_ms": round(med["prefill_ms"], 1),
@@ -174,6 +239,10 @@ def run(args: argparse.Namespace) -> dict:
                                      round(max(s.decode_tok_s for s in runs), 1)],
             "ttft_ms_min_max": [round(min(s.ttft_ms for s in runs), 1), round(max(s.ttft_ms for s in runs), 1)],
             "decoder_weight_mb": round(weight_bytes / 1e6, 1),
+            "huge_pages": huge_pages[name],
+            # the decoder's weight GEMVs alone (gemv_floor_graph): decode cannot beat this with these kernels
+            "gemv_floor_ms": round(floors[name], 2), "gemv_floor_tok_s": round(1000 / floors[name], 1),
+            "decode_share_of_gemv_floor": round(tok_s * floors[name] / 1000, 3),
             "limit_tok_s_nominal": round(NOMINAL_GBS * 1e9 / weight_bytes, 1),
             "share_of_nominal_limit": round(tok_s * weight_bytes / (NOMINAL_GBS * 1e9), 3),
             "limit_tok_s_measured_bw": round(bandwidth * 1e9 / weight_bytes, 1),
@@ -188,14 +257,16 @@ def run(args: argparse.Namespace) -> dict:
 
 def print_table(report: dict) -> None:
     header = (f"{'variant':<12} {'prep ms':>7} {'vision ms':>9} {'prefill ms':>10} {'TTFT ms':>8} "
-              f"{'decode tok/s':>12} {'weights MB':>10} {'limit@30':>8} {'share':>6} {'limit@now':>9} {'share':>6}")
+              f"{'decode tok/s':>12} {'GEMV floor':>10} {'weights MB':>10} {'limit@30':>8} {'share':>6} "
+              f"{'limit@now':>9} {'share':>6}")
     print(f"prompt {report['results'][0]['prompt_tokens']} tokens ({report['results'][0]['image_tokens']} image), "
           f"{report['max_new_tokens']} new tokens, {report['threads']} threads, medians of {report['runs']} runs; "
           f"GEMV bandwidth now {report['gemv_bandwidth_gbs']} GB/s; load {report['loadavg_1min']}")
     print(header)
     for r in report["results"]:
         print(f"{r['variant']:<12} {r['preprocess_ms']:>7.0f} {r['vision_ms']:>9.0f} {r['prefill_ms']:>10.0f} "
-              f"{r['ttft_ms']:>8.0f} {r['decode_tok_s']:>12.1f} {r['decoder_weight_mb']:>10.0f} "
+              f"{r['ttft_ms']:>8.0f} {r['decode_tok_s']:>12.1f} {r['gemv_floor_tok_s']:>10.1f} "
+              f"{r['decoder_weight_mb']:>10.0f} "
               f"{r['limit_tok_s_nominal']:>8.0f} {r['share_of_nominal_limit']:>6.0%} "
               f"{r['limit_tok_s_measured_bw']:>9.0f} {r['share_of_measured_limit']:>6.0%}")
 
@@ -209,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5, help="measured generations per variant (after one warm-up)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--huge-pages", choices=("on", "off"), default="on",
+                   help="the decoder's weights on 2 MB pages (OrtConfig.huge_pages; on = the product default)")
     p.add_argument("--prompt-tokens", type=int, default=150, help="about this many prompt tokens, image included")
     p.add_argument("--build-reference", default=None, metavar="NAME",
                    help="if MODEL_DIR has no export: build this reference architecture (smolvlm-256m) and export it")

@@ -174,6 +174,43 @@ def test_quantized_variants_load_unchanged_and_generate(kind, name, exported, va
     assert v["vision"]["cosine_min"] > 0.99
 
 
+def test_huge_pages_change_no_token(exported, variants):
+    from edge_vit.vlm.onnx_backend import OnnxVLM, OrtConfig
+
+    folder = variants[("idefics3", "int8")].out_dir
+    frame = np.random.default_rng(5).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    config = GenerationConfig(max_new_tokens=16, min_new_tokens=16)
+    tokens = {}
+    for huge in (True, False):
+        vlm = OnnxVLM.load(folder, ort_config=OrtConfig(threads=2, huge_pages=None if huge else False))
+        assert vlm.huge_pages.enabled is huge  # on by default on CPU
+        tokens[huge] = [s.token_id for s in vlm.generate(frame, "What is in the frame?", config)][:-1]
+    assert len(tokens[True]) == 16 and tokens[True] == tokens[False]
+    assert not OrtConfig(provider="cuda").uses_huge_pages  # weights on the GPU: nothing to do on the host
+
+
+def test_gemv_floor_graph_is_the_decoders_own_weight_gemvs(exported, variants):
+    """benchmarks.onnx_speed's GEMV floor: every weight GEMM of the decoder, alone, on its own weights."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from benchmarks.onnx_speed import gemv_floor_graph, gemv_floor_ms
+
+    int8 = variants[("idefics3", "int8")]
+    floor, widths = gemv_floor_graph(int8.out_dir)
+    ops = [n.op_type for n in floor.graph.node]
+    assert ops == ["MatMulNBits"] * int8.op_counts[io_spec.DECODER]["after"]["MatMulNBits"]
+    assert gemv_floor_ms(int8.out_dir, threads=2, rounds=3) > 0
+    # fp32 export: each output is exactly its MatMul's weight applied to the row
+    floor, widths = gemv_floor_graph(exported["idefics3"])
+    weights = {t.name: numpy_helper.to_array(t) for t in floor.graph.initializer}
+    feeds = {f"x{k}": np.random.default_rng(k).standard_normal((1, k), dtype=np.float32) for k in widths}
+    outputs = ort.InferenceSession(floor.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert len(outputs) == len(floor.graph.node) >= 7 * TINY_LAYERS + 1  # q k v o gate up down per layer, lm_head
+    for node, y in zip(floor.graph.node, outputs):
+        np.testing.assert_allclose(y, feeds[node.input[0]] @ weights[node.input[1]], rtol=1e-4, atol=1e-5)
+
+
 def test_int8_column_quantization_keeps_outlier_columns_accurate():
     """Per-column scales: a column 50x larger than the rest does not wash out the others."""
     import onnx
