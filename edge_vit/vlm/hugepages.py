@@ -9,6 +9,10 @@ faults, ``madvise(MADV_COLLAPSE)`` for what is already there; Linux 6.1+). Measu
 SmolVLM-256M decoder, 2 cores: +3 % decode tok/s (median of 17 paired runs), 0.04-0.5 s at load
 (benchmarks/README.md).
 
+Only memory mapped during the block is touched: what the session puts into memory the process already
+had (freed earlier, reused by ``malloc``) stays on its pages. In a fresh process, and after a detector was
+loaded first as ``edge-vit run`` does, 126-186 MB of the 256M int8 decoder's load was new.
+
 It changes where bytes live, never their values, and it must never fail a load: anything the kernel
 refuses (other OS, older kernel, THP set to ``never``, a range it cannot collapse) is counted and left
 as it was. It must not touch file mappings or memory that existed before the session (Python's own heap).
