@@ -231,10 +231,16 @@ def _roofline_table(results: dict) -> list[str]:
         return []
     out = [f"**Decode roofline**: measured bandwidth {r['gb_s']} GB/s ({r['method']}); "
            f"roofline = bandwidth ÷ bytes read per token (decoder weights + KV cache)", "",
-           "| case | bytes per token | roofline tok/s | measured tok/s | share |", "|---|---|---|---|---|"]
+           "| case | bytes per token | roofline tok/s | measured tok/s | share | GEMV floor tok/s |",
+           "|---|---|---|---|---|---|"]
     for row in r["cases"]:
+        floor = row.get("gemv_floor_tok_s")
         out.append(f"| {row['id']} | {row['bytes_per_token'] / 1e6:,.1f} MB | {row['roofline_tok_s']:.1f} | "
-                   f"{row['measured_tok_s'] or 0:.1f} | {_share(row['share'])} |")
+                   f"{row['measured_tok_s'] or 0:.1f} | {_share(row['share'])} | "
+                   f"{f'{floor:.1f}' if floor else '—'} |")
+    out.append("")
+    out.append("GEMV floor (ONNX on CPU): the decoder's own weight GEMVs run alone, one row each, without attention, "
+               "norms or the loop: the most decode can reach with these kernels.")
     return out + [""]
 
 

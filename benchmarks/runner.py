@@ -377,6 +377,7 @@ def _vlm_group(suite: Suite, spec: VlmSpec, backend: BackendSpec, tiling: Tiling
         if isinstance(pipeline, Exception):
             raise Skip(f"the pipeline detector cannot run here: {pipeline}")
         folder = _prepare_vlm(suite, spec, backend)
+        state["folder"] = folder
         monitor = suite.monitor()
         monitor.__enter__()
         state["monitor"] = monitor
@@ -415,10 +416,30 @@ def _vlm_group(suite: Suite, spec: VlmSpec, backend: BackendSpec, tiling: Tiling
         state["monitor"].__exit__(None, None, None)
         del vlm, state["vlm"]
     memory = state["monitor"].result
+    floor = _gemv_floor(suite, backend, state["folder"]) if any(c["status"] == "ok" for c in group) else None
     for case in group:
         if case["status"] == "ok":
             case.update(memory=memory, load_ms=state["load_ms"])
+            if floor and case.get("roofline"):
+                measured = case["roofline"].get("measured_tok_s")
+                case["roofline"].update(gemv_floor_tok_s=floor,
+                                        share_of_gemv_floor=round(measured / floor, 3) if measured else None)
     return True
+
+
+def _gemv_floor(suite: Suite, backend: BackendSpec, folder: str) -> float | None:
+    """ONNX on CPU: tok/s of the decoder's own weight GEMVs alone (``benchmarks.onnx_speed.gemv_floor_graph``),
+    the most a decode step can reach with these kernels. Measured after the case's memory monitor closed
+    (its session holds the weights once more). None elsewhere."""
+    if backend.backend is not VlmBackend.ONNX or suite.cuda:
+        return None
+    from benchmarks.onnx_speed import gemv_floor_ms
+
+    try:
+        return round(1000 / gemv_floor_ms(Path(folder), suite.s.threads or 0), 1)
+    except Exception as exc:  # an extra figure: its failure must not fail the measured case
+        log.warning("GEMV floor of %s not measured: %s", folder, str(exc).splitlines()[0] if str(exc) else exc)
+        return None
 
 
 def _bench_grounding(vlm, prompt: PromptSpec, pipeline, frame: np.ndarray, s: Scenario) -> dict:
@@ -608,7 +629,8 @@ def _roofline_summary(bandwidth: dict, cases: list[dict], baselines: list[dict])
             r = case["roofline"]
             rows.append({"id": case["id"], "backend": case["backend"], "precision": case["precision"],
                          "measured_tok_s": r["measured_tok_s"], "roofline_tok_s": r["roofline_tok_s"],
-                         "share": r["share"], "bytes_per_token": r["bytes_per_token"]})
+                         "share": r["share"], "bytes_per_token": r["bytes_per_token"],
+                         "gemv_floor_tok_s": r.get("gemv_floor_tok_s")})
     return {**bandwidth, "cases": rows}
 
 

@@ -302,6 +302,11 @@ def test_quick_run_has_every_stage_with_percentiles_and_ratios(quick_run):
         r = case["roofline"]
         assert r["bandwidth_gb_s"] > 0 and r["bytes_per_token"] > r["weight_bytes"] > 0
         assert r["roofline_tok_s"] > 0 and r["measured_tok_s"] > 0 and r["share"] > 0
+        if case["backend"] == "onnx":  # ONNX on CPU: the decoder's weight GEMVs alone bound decode
+            assert r["gemv_floor_tok_s"] > 0 and r["share_of_gemv_floor"] == pytest.approx(
+                r["measured_tok_s"] / r["gemv_floor_tok_s"], abs=2e-3)
+        else:
+            assert "gemv_floor_tok_s" not in r
         assert case["memory"]["peak_rss_mb"] >= case["memory"]["rss_before_mb"] > 0
     grounded = {c["backend"] + c["precision"]: c["tokens"]["prompt_tokens"] for c in ran if c["grounding"]}
     plain = {c["backend"] + c["precision"]: c["tokens"]["prompt_tokens"] for c in ran if not c["grounding"]}
