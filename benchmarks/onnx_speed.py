@@ -76,15 +76,19 @@ def gemv_bandwidth_gbs(threads: int, rounds: int = 20) -> float:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    x = np.ones((1, k), np.float32)
-    for _ in range(3):
-        session.run(None, {"x": x})
+    return weight.nbytes / _median_run_s(session, {"x": np.ones((1, k), np.float32)}, 3, rounds) / 1e9
+
+
+def _median_run_s(session, feeds: dict, warmup: int, rounds: int) -> float:
+    """Median seconds of ``session.run`` on ``feeds`` over ``rounds`` runs after ``warmup`` unmeasured ones."""
+    for _ in range(warmup):
+        session.run(None, feeds)
     times = []
     for _ in range(rounds):
         t = time.perf_counter()
-        session.run(None, {"x": x})
+        session.run(None, feeds)
         times.append(time.perf_counter() - t)
-    return weight.nbytes / statistics.median(times) / 1e9
+    return statistics.median(times)
 
 
 WEIGHT_GEMMS = ("MatMul", "MatMulNBits", "DynamicQuantizeMatMul")
@@ -136,14 +140,7 @@ def gemv_floor_ms(folder: Path, threads: int, huge_pages: bool = True, rounds: i
     with new_memory_on_huge_pages(huge_pages):
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feeds = {f"x{k}": np.random.default_rng(k).standard_normal((1, k), dtype=np.float32) for k in widths}
-    for _ in range(5):
-        session.run(None, feeds)
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+    return _median_run_s(session, feeds, 5, rounds) * 1000
 
 
 def benchmark_case(count_tokens, prompt_tokens: int, image_tokens: int):

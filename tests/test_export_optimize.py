@@ -211,6 +211,24 @@ def test_gemv_floor_graph_is_the_decoders_own_weight_gemvs(exported, variants):
         np.testing.assert_allclose(y, feeds[node.input[0]] @ weights[node.input[1]], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("huge_pages", ["on", "off"])
+def test_onnx_speed_runs_as_the_benchmarks_readme_shows(exported, tmp_path, huge_pages):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "benchmarks.onnx_speed", "--model-dir", str(exported["idefics3"]),
+           "--variants-dir", str(tmp_path), "--variants", "int8", "--runs", "1", "--max-new-tokens", "4",
+           "--prompt-tokens", "80", "--huge-pages", huge_pages]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result,) = json.loads(done.stdout.strip().splitlines()[-1])["results"]
+    assert result["variant"] == "int8" and result["decode_tok_s"] > 0
+    assert result["gemv_floor_tok_s"] > 0 and result["huge_pages"]["enabled"] is (huge_pages == "on")
+    assert "GEMV floor" in done.stdout  # the table before the JSON line
+    bad = subprocess.run(cmd[:-1] + ["maybe"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert bad.returncode == 2 and "invalid choice: 'maybe'" in bad.stderr
+
+
 def test_int8_column_quantization_keeps_outlier_columns_accurate():
     """Per-column scales: a column 50x larger than the rest does not wash out the others."""
     import onnx

@@ -368,7 +368,8 @@ class OnnxVLM:
 
     def __init__(self, name: str, vision: ort.InferenceSession, embed: ort.InferenceSession, decoder: _Decoder,
                  processor: Any, model_config: Any, tiling: TilingPolicy = TilingPolicy.SINGLE,
-                 generation_config: Any = None, manifest: dict | None = None) -> None:
+                 generation_config: Any = None, manifest: dict | None = None,
+                 huge_pages: HugePageReport | None = None) -> None:
         self.name = name
         self.vision = vision  # vision_encoder.onnx
         self.embed = embed  # embed_tokens.onnx
@@ -377,7 +378,7 @@ class OnnxVLM:
         self.tokenizer = processor.tokenizer
         self.tiling = TilingPolicy(tiling)
         self.manifest = manifest or {}
-        self.huge_pages = HugePageReport(enabled=False)  # load() records what it put on 2 MB pages
+        self.huge_pages = huge_pages or HugePageReport(enabled=False)  # what load() put on 2 MB pages
         self.model_type = check_model_type(model_config.model_type, name)
         text_config = model_config.get_text_config()
         self.max_context = int(getattr(text_config, "max_position_embeddings", 2048))
@@ -432,10 +433,8 @@ class OnnxVLM:
             decoder = _BoundDecoder(decoder_session, device, ort_config.device_id, prefill)
         else:
             decoder = _PlainDecoder(decoder_session, prefill)
-        vlm = cls(str(folder), vision, embed, decoder, processor, model_config, tiling=tiling,
-                  generation_config=generation_config, manifest=manifest)
-        vlm.huge_pages = huge_pages
-        return vlm
+        return cls(str(folder), vision, embed, decoder, processor, model_config, tiling=tiling,
+                   generation_config=generation_config, manifest=manifest, huge_pages=huge_pages)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
