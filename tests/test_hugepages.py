@@ -106,3 +106,10 @@ def test_nothing_is_attempted_where_the_maps_cannot_be_read(monkeypatch):
     with new_memory_on_huge_pages() as report:
         pass
     assert report.enabled and not report.supported and report.collapsed_bytes == 0
+
+
+def test_mapped_file_names_in_any_encoding_do_not_stop_a_load(monkeypatch, tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_bytes(MAPS.encode() + b"7f1000000000-7f1000200000 rw-p 00000000 08:01 5 /data/mod\xe8le.onnx\n")
+    monkeypatch.setattr(hugepages, "MAPS", str(maps))
+    assert anonymous_ranges(hugepages._read_maps()) == anonymous_ranges(MAPS)

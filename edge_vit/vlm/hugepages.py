@@ -113,7 +113,8 @@ def _libc_madvise():
 
 def _read_maps() -> str | None:
     try:
-        with open(MAPS, encoding="ascii") as f:
+        # mapped files' names may be any bytes; only the addresses and permissions are read
+        with open(MAPS, encoding="ascii", errors="replace") as f:
             return f.read()
     except OSError:
         return None
