@@ -193,8 +193,9 @@ def run_ours(vlm, ids: list[int], new_tokens: int) -> dict:
     logits = decoder.run(cache, embeds, ones[:, : len(ids)])
     stats.prefill_ms = (time.perf_counter() - t_start) * 1000
 
-    def step(token: int):
-        return decoder.run(cache, vlm._embed(np.array([[token]], dtype=np.int64)), ones[:, : cache.length + 1])
+    def step(tokens: list[int]):  # one token a pass: [1, V]
+        return decoder.run_rows(cache, vlm._embed(np.array([tokens], dtype=np.int64)),
+                                ones[:, : cache.length + len(tokens)])
 
     steps = list(decode_stream(logits, step, vlm.tokenizer, vlm.stop_ids, config, None, stats, t_start))
     return {"tokens": [s.token_id for s in steps if not s.done], "prefill_ms": stats.prefill_ms,

@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from edge_vit.argtypes import add_grounding_args, grounding_from_args, nonneg_float, positive_int
+from edge_vit.argtypes import add_grounding_args, grounding_from_args, int_in, nonneg_float, positive_int
 from edge_vit.errors import EdgeVitError
 
 DEFAULT_VLM = "HuggingFaceTB/SmolVLM-256M-Instruct"
@@ -55,6 +55,10 @@ def add_run_arguments(p: argparse.ArgumentParser, *, source_required: bool = Tru
                    help="the instruction the VLM answers about each chosen frame; repeat it to ask several in turn "
                         f"(default: {DEFAULT_PROMPT!r})")
     g.add_argument("--max-new-tokens", type=positive_int, default=48)
+    g.add_argument("--lookup", type=int_in(0, 15), default=0, metavar="N",  # the ONNX decode graph: 16 rows
+                   help="prompt lookup decoding: verify up to N tokens copied from the prompt per forward pass "
+                        "(greedy answers unchanged; torch and onnx backends; 0: off). Pays off for long answers "
+                        "that repeat the grounding, on GPUs more than on small CPUs (README)")
     g.add_argument("--tiling", choices=[t.value for t in TilingPolicy], default=TilingPolicy.SINGLE.value,
                    help="single: one vision tile per frame (fast); split: the processor's own image splitting")
     g.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
@@ -95,12 +99,15 @@ def build_and_run(args: argparse.Namespace) -> int:
     prompts = tuple(args.prompt) if args.prompt else (DEFAULT_PROMPT,)
     run_config = RunConfig(
         prompt=prompts[0], prompts=prompts, max_frames=args.max_frames, grounding=grounding, trigger=trigger,
-        generation=GenerationConfig(max_new_tokens=args.max_new_tokens), status_every_s=args.status_every,
+        generation=GenerationConfig(max_new_tokens=args.max_new_tokens, lookup_tokens=args.lookup),
+        status_every_s=args.status_every,
     )
     # Cheap checks first: a missing file, a folder that is not a model or an unwritable output fail in a
     # second, before any model loads. The source opens last, so a live stream is not read (and frames
     # not dropped) while the models load.
     parse_source(args.source)
+    if args.lookup and Backend(args.backend) is Backend.TRT:
+        raise EdgeVitError("--lookup works with --backend torch or onnx; the TensorRT engines decode one token a pass")
     if args.vlm.lower() != "none" and Backend(args.backend) is Backend.TORCH:
         from edge_vit.vlm.torch_backend import check_model_folder
 

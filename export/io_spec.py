@@ -18,6 +18,9 @@ GRAPH_FILES = (VISION_ENCODER, EMBED_TOKENS, DECODER)
 # Optional (export.optimize's quantized variants): the same decoder, inputs and outputs as DECODER, with
 # int8 GEMMs suited to many rows; the ONNX backend runs the prompt (prefill) through it when present.
 DECODER_PREFILL = "decoder_prefill.onnx"
+# export.optimize's decode graph returns the logits of the last this-many input positions (1 on a decode step):
+# prompt lookup verifies up to LOOKUP_LOGITS_POSITIONS - 1 draft tokens in one pass
+LOOKUP_LOGITS_POSITIONS = 16
 MANIFEST = "edge_vit_export.json"  # what was exported, from which model, with which options
 
 # vision_encoder.onnx: full tiles only (the processor's pixel_attention_mask is all ones for them).

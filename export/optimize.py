@@ -29,7 +29,9 @@ quantized ones add an optional prefill graph):
   quantization (``QAttention`` / ``DynamicQuantizeMatMul``, per-tensor) and is
   kept only if its features stay within ``min_vision_cosine`` of fp32. The token
   embedding (a table lookup) stays fp32.
-- ``logits``: the last position only (a Slice before ``lm_head``, as for TensorRT):
+- ``logits``: the prefill graph returns the last position only, the decode graph the last
+  ``io_spec.LOOKUP_LOGITS_POSITIONS`` (one on a decode step; a prompt-lookup draft verified in one pass)
+  (a Slice before ``lm_head``, as for TensorRT):
   generation reads nothing else, and lm_head over every prompt position was about
   a fifth of the 256M model's int8 prefill.
 - validation against the fp32 folder on grounded prompts over synthetic frames:
@@ -864,10 +866,10 @@ def optimize_onnx_folder(onnx_dir: str | Path, out_dir: str | Path, options: Opt
                 model, text.num_attention_heads, shape.num_kv_heads, shape.num_layers, shape.max_positions)
             fusions["packed_matmuls_removed"] = pack_shared_input_matmuls(model)  # q|k|v, gate|up
         # Generation reads only the last position's logits: lm_head over the whole prompt was ~20% of the
-        # 256M model's int8 prefill (49,280 x 576 per position).
-        last_token_logits(model)
+        # 256M model's int8 prefill (49,280 x 576 per position). The decode graph keeps the last
+        # LOOKUP_LOGITS_POSITIONS (one row on a decode step), so a prompt-lookup draft is verified in one pass.
         if options.writes_prefill_graph:
-            prefill = copy.deepcopy(model)
+            prefill = last_token_logits(copy.deepcopy(model))
             fusions["DynamicQuantizeMatMul (prefill)"] = quantize_matmul_int8_columns(prefill)
             precision[io_spec.DECODER_PREFILL] = "int8 (per-column weights, dynamic activations)"
             counts[io_spec.DECODER_PREFILL] = _write_graph(prefill, io_spec.DECODER_PREFILL, io, before, out, Path(tmp))
@@ -875,6 +877,7 @@ def optimize_onnx_folder(onnx_dir: str | Path, out_dir: str | Path, options: Opt
         else:
             (out / io_spec.DECODER_PREFILL).unlink(missing_ok=True)
             (out / f"{io_spec.DECODER_PREFILL}_data").unlink(missing_ok=True)
+        last_token_logits(model, io_spec.LOOKUP_LOGITS_POSITIONS)
         if options.int8_columns:
             fusions["DynamicQuantizeMatMul"] = quantize_matmul_int8_columns(model)
             precision[io_spec.DECODER] = options.quantize.value
@@ -925,13 +928,14 @@ def optimize_onnx_folder(onnx_dir: str | Path, out_dir: str | Path, options: Opt
             shutil.copy2(item, out / item.name)
 
     settings = _settings(options)
-    optimized = {**manifest, "graph_bytes": _graph_bytes(out), "logits": "last"}
+    optimized = {**manifest, "graph_bytes": _graph_bytes(out), "logits": "last"}  # the prompt's: last position
     if options.quantize is not None and options.method == "gptq":
         settings["decoder"]["gptq"] = gptq_report
     optimized["optimization"] = {
         "variant": options.variant, "source_onnx_dir": source_label or str(source), "fused": options.fuse,
         "precision": precision, "settings": settings, "fusions": fusions, "op_counts": counts,
         "validation": None, "seconds": None,
+        "logits_positions": io_spec.LOOKUP_LOGITS_POSITIONS,  # decode graph: the last this-many positions
         "runtime": "onnxruntime (CPU; com.microsoft contrib ops); build TensorRT engines from the fp32 export",
     }
     validation = None

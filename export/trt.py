@@ -164,8 +164,11 @@ def check_graph_ops(name: str, ops: set[str]) -> bool:
 # ---------------------------------------------------------------- decoder graph preparation (pure ONNX)
 
 
-def last_token_logits(model):
+def last_token_logits(model, positions: int = 1):
     """Make ``logits`` [B, S, V] into [B, 1, V] (the last position) by slicing the hidden states before lm_head.
+
+    ``positions`` > 1 keeps the last that many instead ([B, min(S, positions), V]): what prompt lookup
+    decoding needs to verify a draft in one pass, for the price of one row on a decode step.
 
     Falls back to slicing the logits when the producer is not a MatMul. Works on a model loaded
     without external data (initializers are not touched). Returns the same ModelProto, changed; a
@@ -183,7 +186,7 @@ def last_token_logits(model):
     index = producers["logits"]
     node = graph.node[index]
     consts = {
-        "last_token_starts": np.array([-1], dtype=np.int64),
+        "last_token_starts": np.array([-positions], dtype=np.int64),
         "last_token_ends": np.array([INT64_MAX], dtype=np.int64),
         "last_token_axes": np.array([1], dtype=np.int64),
     }
@@ -203,7 +206,10 @@ def last_token_logits(model):
         if output.name == "logits":
             dim = output.type.tensor_type.shape.dim[1]
             dim.Clear()
-            dim.dim_value = 1
+            if positions == 1:
+                dim.dim_value = 1
+            else:
+                dim.dim_param = "logits_positions"
     _drop_value_info(graph, {"logits"})
     return model
 

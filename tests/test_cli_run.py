@@ -112,6 +112,7 @@ def test_prompt_longer_than_context_is_reported_not_fatal(tmp_path, clip, tiny_y
         (["--size-words", "small"], "argument --size-words: must be two numbers"),
         (["--grounding-tokens", "0"], "argument --grounding-tokens: must be >= 1"),
         (["--grounding-order", "alphabetical"], "argument --grounding-order: invalid choice: 'alphabetical'"),
+        (["--lookup", "16"], "argument --lookup: must be in [0, 15], got 16"),
     ],
 )
 def test_bad_flag_values_are_usage_errors(args, message):
@@ -135,6 +136,7 @@ def test_bad_flag_values_are_usage_errors(args, message):
         (["--imgsz", "100"], "--imgsz must be a multiple of 32"),
         (["--iou", "0"], "--iou must be in (0, 1], got 0.0"),
         (["--jsonl", "/proc/forbidden/out.jsonl"], "cannot write JSONL file"),
+        (["--backend", "trt", "--lookup", "2"], "--lookup works with --backend torch or onnx"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, clip, tiny_yolo, tiny_idefics3, args, message):

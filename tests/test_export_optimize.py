@@ -85,14 +85,18 @@ def test_fusion_puts_fused_kernels_where_the_patterns_were(kind, exported, varia
     decoder_ops = op_counts(_graph(result.out_dir, io_spec.DECODER))
     assert manifest["optimization"]["op_counts"][io_spec.DECODER]["after"] == decoder_ops
     assert manifest["optimization"]["fusions"]["GroupQueryAttention"] == TINY_LAYERS
-    assert manifest["logits"] == "last"  # lm_head over the last position only
+    assert manifest["logits"] == "last"  # lm_head over the prompt's last position only
     assert LAST_TOKEN_SLICE in [n.name for n in _graph(result.out_dir, io_spec.DECODER).graph.node]
+    # the decode graph keeps the last 16 positions' logits (prompt lookup verifies a draft in one pass)
+    assert manifest["optimization"]["logits_positions"] == io_spec.LOOKUP_LOGITS_POSITIONS == 16
+    logits = _session(result.out_dir, io_spec.DECODER).get_outputs()[0]
+    assert logits.name == "logits" and logits.shape[1] == "logits_positions"
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fused_fp32_graphs_match_the_unoptimized_ones(kind, exported, variants):
-    """Prefill logits (the last position: the fused graph returns only it), the KV cache and a cached
-    decode step: max abs diff <= 1e-4."""
+    """Prefill logits (the last 16 positions: the fused graph returns only those), the KV cache, cached
+    decode steps and a cached 5-token step (a prompt-lookup draft): max abs diff <= 1e-4."""
     source, fused = exported[kind], variants[(kind, "fused")].out_dir
     rng = np.random.default_rng(0)
     ref_dec, opt_dec = _session(source, io_spec.DECODER), _session(fused, io_spec.DECODER)
@@ -101,13 +105,14 @@ def test_fused_fp32_graphs_match_the_unoptimized_ones(kind, exported, variants):
     kv_heads, head_dim = inputs["past_key_values.0.key"].shape[1], inputs["past_key_values.0.key"].shape[3]
     past = {name: np.zeros((1, kv_heads, 0, head_dim), np.float32) for name in io_spec.past_names(TINY_LAYERS)}
     length = 0
-    for seq in (23, 1, 1):  # prefill, then two decode steps with the cache
+    for seq in (23, 1, 1, 5):  # prefill, two decode steps with the cache, a draft verified in one pass
         feeds = {"inputs_embeds": rng.standard_normal((1, seq, hidden), dtype=np.float32),
                  "attention_mask": np.ones((1, length + seq), np.int64),
                  "position_ids": np.arange(length, length + seq, dtype=np.int64)[None]}
         ref, opt = ref_dec.run(None, {**feeds, **past}), opt_dec.run(None, {**feeds, **past})
-        assert ref[0].shape == (1, seq, ref[0].shape[2]) and opt[0].shape == (1, 1, ref[0].shape[2])
-        assert float(np.abs(ref[0][:, -1:] - opt[0]).max()) <= 1e-4
+        rows = min(seq, io_spec.LOOKUP_LOGITS_POSITIONS)
+        assert ref[0].shape == (1, seq, ref[0].shape[2]) and opt[0].shape == (1, rows, ref[0].shape[2])
+        assert float(np.abs(ref[0][:, -rows:] - opt[0]).max()) <= 1e-4
         for r, o in zip(ref[1:], opt[1:]):
             assert r.shape == o.shape == (1, kv_heads, length + seq, head_dim)
             assert float(np.abs(r - o).max()) <= 1e-4
@@ -148,6 +153,7 @@ def test_quantized_variants_load_unchanged_and_generate(kind, name, exported, va
         ref, pre = _session(exported[kind], io_spec.DECODER), _session(folder, io_spec.DECODER_PREFILL)
         assert [(i.name, i.type) for i in pre.get_inputs()] == [(i.name, i.type) for i in ref.get_inputs()]
         assert [o.name for o in pre.get_outputs()] == [o.name for o in ref.get_outputs()]
+        assert pre.get_outputs()[0].shape[1] == 1  # the prompt's last position only
         prefill_ops = result.op_counts[io_spec.DECODER_PREFILL]["after"]
         assert prefill_ops["DynamicQuantizeMatMul"] == after["MatMulNBits"] and "MatMul" not in prefill_ops
         assert prefill_ops["GroupQueryAttention"] == after["GroupQueryAttention"]
@@ -227,6 +233,32 @@ def test_onnx_speed_runs_as_the_benchmarks_readme_shows(exported, tmp_path, huge
     assert "GEMV floor" in done.stdout  # the table before the JSON line
     bad = subprocess.run(cmd[:-1] + ["maybe"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert bad.returncode == 2 and "invalid choice: 'maybe'" in bad.stderr
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[1] / "edge_vit/assets/demo/vlm/model.safetensors").is_file(),
+                    reason="the demo VLM is not built")
+def test_lookup_speed_runs_as_the_benchmarks_readme_shows(kind_variants_fused_idefics3):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "benchmarks.lookup_speed", "--images", "2", "--lookup", "2", "--max-new-tokens",
+           "24", "--pass-cost", str(kind_variants_fused_idefics3), "--rounds", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for kind in ("short", "describe"):
+        row = report["answers"][kind]["2"]
+        assert row["same_tokens"] == report["answers"][kind]["answers"] > 0 and row["tokens_per_pass"] >= 1.0
+        assert report["modelled"][kind]["2"]["speedup"] > 0
+    assert sorted(map(int, report["pass_cost_ms"])) == list(range(1, 17))
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.lookup_speed", "--lookup", "16"], capture_output=True,
+                         text=True, cwd=Path(__file__).parents[1], timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("draft lengths in [1, 15]")
+
+
+@pytest.fixture
+def kind_variants_fused_idefics3(variants):
+    return variants[("idefics3", "fused")].out_dir
 
 
 def test_int8_column_quantization_keeps_outlier_columns_accurate():

@@ -327,3 +327,83 @@ def test_shared_kv_buffer_runs_to_the_end_of_the_context_and_errors_past_it(opti
     with pytest.raises(RuntimeError, match="KV cache full: 4 \\+ 1 positions exceed the 4"):
         decoder.run(cache, np.zeros((1, 1, hidden), np.float32), ones[:, :5])
     assert decoder.new_cache(10**6).capacity == shared.max_context == decoder.max_positions  # capped
+
+
+def _decoders(folder):
+    """The three decoder paths of one folder: shared KV buffer (GQA graphs only), growing cache, IO binding."""
+    configs = [OrtConfig(threads=1, share_kv_buffer=False), OrtConfig(threads=1, io_binding=True, share_kv_buffer=False)]
+    vlm = OnnxVLM.load(folder, ort_config=OrtConfig(threads=1))
+    extra = [vlm] if _decoder_kind(vlm) == "_SharedKVDecoder" else []
+    return extra + [OnnxVLM.load(folder, ort_config=c) for c in configs]
+
+
+@pytest.mark.parametrize("variant", ["fused", "plain"])
+def test_a_draft_is_verified_in_one_pass_and_its_rejected_rest_discarded(variant, folders, optimized):
+    """run_rows over 5 tokens = 5 decode steps' logits; after discard(3) the next step equals the step of a
+    cache that never saw those 3 positions, on every decoder path."""
+    folder = optimized["fused"] if variant == "fused" else folders["idefics3"][1]
+    hidden = OnnxVLM.load(folder, ort_config=OrtConfig(threads=1)).manifest["decoder"]["hidden_size"]
+    embeds = np.random.default_rng(4).standard_normal((1, 16, hidden), dtype=np.float32)
+    ones = np.ones((1, 20), np.int64)
+    for vlm in _decoders(folder):
+        decoder = vlm.decoder
+        one_by_one = decoder.new_cache(20)
+        decoder.run(one_by_one, embeds[:, :9], ones[:, :9])
+        want = np.stack([decoder.run(one_by_one, embeds[:, i:i + 1], ones[:, : i + 1]) for i in range(9, 14)])
+        cache = decoder.new_cache(20)
+        decoder.run(cache, embeds[:, :9], ones[:, :9])
+        rows = decoder.run_rows(cache, embeds[:, 9:14], ones[:, :14])
+        assert rows.shape == want.shape and float(np.abs(rows - want).max()) <= 1e-4, _decoder_kind(vlm)
+        decoder.discard(cache, 3)  # keep 2 of the 5
+        assert cache.length == 11
+        got = decoder.run(cache, embeds[:, 15:16], ones[:, :12])
+        fresh = decoder.new_cache(20)
+        decoder.run(fresh, embeds[:, :11], ones[:, :11])
+        expected = decoder.run(fresh, embeds[:, 15:16], ones[:, :12])
+        assert float(np.abs(got - expected).max()) <= 1e-4, _decoder_kind(vlm)
+
+
+@pytest.mark.parametrize("variant", ["fused", "int8", "plain"])
+def test_lookup_gives_the_same_tokens_on_every_decoder_path(variant, folders, optimized, frame):
+    folder = folders["idefics3"][1] if variant == "plain" else optimized[variant]
+    prompt = "Describe the scene. Describe the scene. Describe the scene."
+    cfg = GenerationConfig(max_new_tokens=32, min_new_tokens=32)
+    lookup = GenerationConfig(max_new_tokens=32, min_new_tokens=32, lookup_tokens=6)
+    accepted = 0
+    for vlm in _decoders(folder):
+        want = _tokens(vlm, frame, cfg, prompt)
+        steps = list(vlm.generate(frame, prompt, lookup))
+        stats = steps[-1].stats
+        assert [s.token_id for s in steps[:-1]] == want, _decoder_kind(vlm)
+        assert stats.decode_tokens == 31 == stats.decode_steps + stats.accepted_tokens
+        accepted += stats.accepted_tokens
+    assert accepted > 0  # the repeated prompt gets the tiny model to repeat itself: drafts were taken
+    if variant == "fused":  # fp32: the same tokens as the torch backend with lookup
+        torch_vlm = load_vlm(folders["idefics3"][0], Backend.TORCH)
+        assert _tokens(torch_vlm, frame, lookup, prompt) == want
+
+
+def test_a_decode_graph_with_one_logits_row_decodes_without_lookup(folders, frame, tmp_path, caplog):
+    """Folders written before prompt lookup return the last position's logits only ([B, 1, V]): they decode one
+    token a pass, with one warning, instead of failing."""
+    import shutil
+
+    import onnx
+
+    from export.trt import last_token_logits
+
+    folder = tmp_path / "one-row"
+    shutil.copytree(folders["idefics3"][1], folder)
+    model = onnx.load(str(folder / io_spec.DECODER))
+    onnx.save(last_token_logits(model), str(folder / io_spec.DECODER))
+    vlm = OnnxVLM.load(folder, ort_config=OrtConfig(threads=1))
+    assert vlm.decoder.logit_rows == 1
+    cfg = GenerationConfig(max_new_tokens=12, min_new_tokens=12, lookup_tokens=4)
+    with caplog.at_level("WARNING"):
+        steps = list(vlm.generate(frame, PROMPT, cfg))
+        list(vlm.generate(frame, PROMPT, cfg))
+    assert steps[-1].stats.draft_tokens == 0 and steps[-1].stats.decode_steps == 11
+    assert [s.token_id for s in steps[:-1]] == _tokens(vlm, frame, GenerationConfig(max_new_tokens=12,
+                                                                                     min_new_tokens=12))
+    warnings = [r.getMessage() for r in caplog.records if "prompt lookup is off" in r.getMessage()]
+    assert len(warnings) == 1 and "edge-vit export optimize" in warnings[0]

@@ -40,6 +40,7 @@ Huge pages: on CPU (Linux), the memory the decoder session allocates while it lo
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -66,6 +67,8 @@ from edge_vit.vlm.base import (
 )
 from edge_vit.vlm.hugepages import HugePageReport, new_memory_on_huge_pages
 from export import io_spec
+
+log = logging.getLogger(__name__)
 
 
 class ExecutionProvider(str, Enum):
@@ -192,13 +195,16 @@ class _Cache:
 
 
 class _Decoder:
-    """decoder_model_merged.onnx; ``run`` extends a ``_Cache`` and returns the last position's logits [V].
+    """decoder_model_merged.onnx; ``run`` extends a ``_Cache`` and returns the last position's logits [V],
+    ``run_rows`` the logits of each of the input's positions the graph returns, [R, V]; ``discard`` drops
+    the cache's last positions (prompt lookup's rejected drafts).
 
     The cache lives in the caller's generation, not here, so one loaded model can serve generations
     from several threads.
     """
 
-    def __init__(self, session: ort.InferenceSession, prefill: ort.InferenceSession | None = None) -> None:
+    def __init__(self, session: ort.InferenceSession, prefill: ort.InferenceSession | None = None,
+                 logit_rows: int | None = None) -> None:
         self.session = session
         self.prefill = prefill  # decoder_prefill.onnx: same IO, runs the prompt (sequence > 1) when given
         inputs = {i.name: i for i in session.get_inputs()}
@@ -210,14 +216,37 @@ class _Decoder:
         self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
         self.cache_dtype = _NP_TYPES[first.type]
         self.embed_dtype = _NP_TYPES[inputs["inputs_embeds"].type]
-        # export.optimize's graphs return the last position's logits only ([B, 1, V]); the export's, every one
-        self.last_only = session.get_outputs()[0].shape[1] == 1
+        # export.optimize's graphs return the last position's logits only ([B, 1, V]) or, since prompt lookup,
+        # the last few (manifest: optimization.logits_positions); the export's, every one (None)
+        rows = session.get_outputs()[0].shape[1]
+        self.logit_rows = rows if isinstance(rows, int) else logit_rows
+        self.last_only = self.logit_rows == 1
         if prefill is not None and [(i.name, i.type) for i in prefill.get_inputs()] != \
                 [(i.name, i.type) for i in session.get_inputs()]:
             raise ModelLoadError(f"{io_spec.DECODER_PREFILL} does not take the inputs of {io_spec.DECODER}")
 
-    def session_for(self, seq: int) -> ort.InferenceSession:
-        return self.prefill if seq > 1 and self.prefill is not None else self.session
+    def session_for(self, cache: _Cache, seq: int) -> ort.InferenceSession:
+        # the prompt only (an empty cache): a prompt-lookup draft is verified by the decode graph, which
+        # returns its positions' logits and computes them as the decode steps would
+        return self.prefill if seq > 1 and cache.length == 0 and self.prefill is not None else self.session
+
+    def rows_for(self, seq: int) -> int:
+        """How many logits rows the decode graph returns for ``seq`` input positions."""
+        return seq if self.logit_rows is None else min(seq, self.logit_rows)
+
+    def run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self._run(cache, embeds, attention_mask)[0, -1].copy()  # [V]
+
+    def run_rows(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self._run(cache, embeds, attention_mask)[0].copy()  # [R, V]
+
+    def discard(self, cache: _Cache, n: int) -> None:
+        """Drop the cache's last ``n`` positions."""
+        cache.length -= n
+        cache.past = {name: np.ascontiguousarray(value[:, :, : cache.length]) for name, value in cache.past.items()}
+
+    def _run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     def _empty_past(self) -> np.ndarray:
         return np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.cache_dtype)  # [B, H_kv, 0, Dh]
@@ -239,21 +268,21 @@ class _Decoder:
 class _PlainDecoder(_Decoder):
     """``session.run`` with numpy in and out; the cache round-trips through numpy (no copy on CPU)."""
 
-    def run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def _run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         feeds = self._feeds(cache, embeds, attention_mask)
         feeds.update(cache.past)
-        outputs = self.session_for(embeds.shape[1]).run(self.output_names, feeds)
+        outputs = self.session_for(cache, embeds.shape[1]).run(self.output_names, feeds)
         cache.past = dict(zip(self.past_names, outputs[1:]))
         cache.length += embeds.shape[1]
-        return outputs[0][0, -1]  # [V]
+        return outputs[0]  # [1, R, V]
 
 
 class _BoundDecoder(_Decoder):
     """IO binding: the cache stays where the provider computed it; decode logits go to a preallocated buffer."""
 
     def __init__(self, session: ort.InferenceSession, device: str, device_id: int,
-                 prefill: ort.InferenceSession | None = None) -> None:
-        super().__init__(session, prefill)
+                 prefill: ort.InferenceSession | None = None, logit_rows: int | None = None) -> None:
+        super().__init__(session, prefill, logit_rows)
         self.device, self.device_id = device, device_id
         vocab = session.get_outputs()[0].shape[2]
         self.vocab = int(vocab) if isinstance(vocab, int) else None
@@ -263,8 +292,15 @@ class _BoundDecoder(_Decoder):
         logits = np.empty((1, 1, self.vocab), dtype=np.float32) if self.vocab else None
         return _Cache({name: empty for name in self.past_names}, logits=logits)
 
-    def run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        session = self.session_for(embeds.shape[1])
+    def discard(self, cache: _Cache, n: int) -> None:
+        # rare (a growing cache on an accelerator): through host memory
+        cache.length -= n
+        cache.past = {name: ort.OrtValue.ortvalue_from_numpy(
+            np.ascontiguousarray(value.numpy()[:, :, : cache.length]), self.device, self.device_id)
+            for name, value in cache.past.items()}
+
+    def _run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        session = self.session_for(cache, embeds.shape[1])
         binding = session.io_binding()
         for name, value in self._feeds(cache, embeds, attention_mask).items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -281,8 +317,7 @@ class _BoundDecoder(_Decoder):
         outputs = binding.get_outputs()
         cache.past = dict(zip(self.past_names, outputs[1:]))
         cache.length += embeds.shape[1]
-        logits = buffer if buffer is not None else outputs[0].numpy()
-        return logits[0, -1].copy()  # [V]
+        return buffer if buffer is not None else outputs[0].numpy()  # [1, R, V]
 
 
 class _SharedKVDecoder(_Decoder):
@@ -297,8 +332,8 @@ class _SharedKVDecoder(_Decoder):
     """
 
     def __init__(self, session: ort.InferenceSession, device: str, device_id: int, max_positions: int,
-                 prefill: ort.InferenceSession | None = None) -> None:
-        super().__init__(session, prefill)
+                 prefill: ort.InferenceSession | None = None, logit_rows: int | None = None) -> None:
+        super().__init__(session, prefill, logit_rows)
         self.device, self.device_id = device, device_id
         self.max_positions = int(max_positions)
         vocab = session.get_outputs()[0].shape[2]
@@ -326,7 +361,11 @@ class _SharedKVDecoder(_Decoder):
         return _Cache(past, logits=logits, capacity=capacity, binding=bind(self.session),
                       prefill_binding=bind(self.prefill) if self.prefill is not None else None)
 
-    def run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def discard(self, cache: _Cache, n: int) -> None:
+        # GQA reads the valid length from attention_mask: positions past it are overwritten by the next run
+        cache.length -= n
+
+    def _run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         seq = embeds.shape[1]
         if cache.length + seq > cache.capacity:
             raise RuntimeError(
@@ -335,21 +374,21 @@ class _SharedKVDecoder(_Decoder):
         if attention_mask.shape[1] != cache.length + seq:
             raise RuntimeError(f"attention_mask covers {attention_mask.shape[1]} positions, expected "
                                f"{cache.length + seq} (GQA reads the valid cache length from it)")
-        session = self.session_for(seq)
+        session = self.session_for(cache, seq)
         binding = cache.prefill_binding if session is self.prefill else cache.binding
         for name, value in self._feeds(cache, embeds, attention_mask).items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         buffer = cache.logits
-        if buffer is not None and seq > 1 and not self.last_only:  # prefill: a buffer of its own, [1, S, V]
-            buffer = np.empty((1, seq, self.vocab), dtype=np.float32)
+        rows = 1 if session is self.prefill else self.rows_for(seq)  # the prefill graph: always the last one
+        if buffer is not None and rows > 1:  # a prompt or a lookup draft: a buffer of its own, [1, R, V]
+            buffer = np.empty((1, rows, self.vocab), dtype=np.float32)
         if buffer is not None:
             binding.bind_output("logits", "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
         else:
             binding.bind_output("logits", "cpu")
         session.run_with_iobinding(binding)
         cache.length += seq
-        logits = buffer if buffer is not None else binding.get_outputs()[0].numpy()
-        return logits[0, -1].copy()  # [V]
+        return buffer if buffer is not None else binding.get_outputs()[0].numpy()  # [1, R, V]
 
 
 def uses_group_query_attention(manifest: dict) -> bool:
@@ -387,6 +426,7 @@ class OnnxVLM:
         self.stop_ids = stop_token_ids(self.tokenizer, generation_config)
         self.providers = decoder.session.get_providers()
         self._vision_dtype = _NP_TYPES[vision.get_inputs()[0].type]
+        self._warned_lookup = False
         apply_tiling(processor, self.tiling)
 
     @classmethod
@@ -421,6 +461,7 @@ class OnnxVLM:
         prefill = _session(path / io_spec.DECODER_PREFILL, ort_config, providers) if use_prefill else None
         device = "cpu" if ort_config.provider is ExecutionProvider.CPU else "cuda"
         gqa = uses_group_query_attention(manifest)
+        logit_rows = (manifest.get("optimization") or {}).get("logits_positions")
         if ort_config.share_kv_buffer and not gqa:
             raise EdgeVitError(f"'{folder}': a shared KV buffer needs a decoder whose attention is "
                                f"GroupQueryAttention (an `edge-vit export optimize` variant); this one is not")
@@ -428,11 +469,11 @@ class OnnxVLM:
             max_positions = int(manifest.get("decoder", {}).get("max_positions") or
                                 getattr(model_config.get_text_config(), "max_position_embeddings", 2048))
             decoder: _Decoder = _SharedKVDecoder(decoder_session, device, ort_config.device_id, max_positions,
-                                                 prefill)
+                                                 prefill, logit_rows)
         elif ort_config.uses_io_binding:
-            decoder = _BoundDecoder(decoder_session, device, ort_config.device_id, prefill)
+            decoder = _BoundDecoder(decoder_session, device, ort_config.device_id, prefill, logit_rows)
         else:
-            decoder = _PlainDecoder(decoder_session, prefill)
+            decoder = _PlainDecoder(decoder_session, prefill, logit_rows)
         return cls(str(folder), vision, embed, decoder, processor, model_config, tiling=tiling,
                    generation_config=generation_config, manifest=manifest, huge_pages=huge_pages)
 
@@ -491,8 +532,15 @@ class OnnxVLM:
         logits = decoder.run(cache, embeds, attention)  # [V]
         stats.prefill_ms = (time.perf_counter() - t_vis) * 1000
 
-        def step(token: int) -> np.ndarray:
-            step_embeds = self._embed(np.array([[token]], dtype=np.int64))  # [1, 1, D]
-            return decoder.run(cache, step_embeds, ones[:, : cache.length + 1])
+        def step(tokens: list[int]) -> np.ndarray:  # [n, V]
+            step_embeds = self._embed(np.array([tokens], dtype=np.int64))  # [1, n, D]
+            return decoder.run_rows(cache, step_embeds, ones[:, : cache.length + len(tokens)])
 
-        yield from decode_stream(logits, step, self.tokenizer, self.stop_ids, config, cancel, stats, t_start)
+        # prompt lookup needs the logits of every drafted position: as many as the decode graph returns
+        if config.lookup_tokens and decoder.logit_rows == 1 and not self._warned_lookup:
+            self._warned_lookup = True
+            log.warning("%s: its decode graph returns the last position's logits only, so prompt lookup is off; "
+                        "write the folder again with `edge-vit export optimize` for it", self.name)
+        yield from decode_stream(logits, step, self.tokenizer, self.stop_ids, config, cancel, stats, t_start,
+                                 discard=lambda n: decoder.discard(cache, n), prompt_ids=input_ids[0].tolist(),
+                                 max_step_tokens=decoder.logit_rows or config.lookup_tokens + 1)

@@ -169,15 +169,22 @@ class TorchVLM:
 
             state = {"past": out.past_key_values, "attention": attention}
 
-            def step(token: int) -> np.ndarray:
-                state["attention"] = torch.cat([state["attention"], state["attention"].new_ones((1, 1))], dim=1)
+            def step(tokens: list[int]) -> np.ndarray:  # [n, V]: the logits after each of the tokens
+                attention = state["attention"]
+                state["attention"] = torch.cat([attention, attention.new_ones((1, len(tokens)))], dim=1)
                 out = self.model(
-                    input_ids=torch.tensor([[token]], device=self.device),
+                    input_ids=torch.tensor([tokens], device=self.device),
                     attention_mask=state["attention"],
                     past_key_values=state["past"],
                     use_cache=True,
                 )
                 state["past"] = out.past_key_values
-                return out.logits[0, -1].float().cpu().numpy()
+                return out.logits[0].float().cpu().numpy()
 
-            yield from decode_stream(logits, step, self.tokenizer, self.stop_ids, config, cancel, stats, t_start)
+            def discard(n: int) -> None:  # prompt lookup: drop the rejected draft's positions
+                state["past"].crop(state["past"].get_seq_length() - n)
+                state["attention"] = state["attention"][:, :-n]
+
+            yield from decode_stream(logits, step, self.tokenizer, self.stop_ids, config, cancel, stats, t_start,
+                                     discard=discard, prompt_ids=input_ids[0].tolist(),
+                                     max_step_tokens=config.lookup_tokens + 1)

@@ -375,11 +375,12 @@ class TrtVLM:
         stats.prefill_ms = (time.perf_counter() - t_vis) * 1000
         position = {"past": stats.prompt_tokens, "step": 0}
 
-        def step(token: int) -> np.ndarray:
+        def step(tokens: list[int]) -> np.ndarray:  # one token a pass (max_step_tokens=1): no prompt lookup
+            (token,) = tokens
             position["step"] += 1
             with torch.cuda.stream(self.stream):
                 logits = self._decode_step(token, position["step"], position["past"])
             position["past"] += 1
-            return logits
+            return logits[None]  # [1, V]
 
         yield from decode_stream(logits, step, self.tokenizer, self.stop_ids, config, cancel, stats, t_start)
