@@ -211,8 +211,9 @@ class TextStreamer:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
 
 
-# n-gram sizes prompt lookup matches. Single-token matches drafted more often but were mostly rejected: on the
-# demo VLM's shapes answers a 1-3 window lost 17% of decode speed on short answers against 7% for 2-3 (README).
+# n-gram sizes prompt lookup matches. Single-token matches drafted more often but were mostly rejected: the demo
+# VLM's short shapes answers replayed at the SmolVLM-256M int8 pass costs (lookup 2) lost 17% of decode speed
+# with a 1-3 window against 7% with 2-3 (benchmarks/lookup_speed.py's replay).
 LOOKUP_NGRAM = (2, 3)
 
 
@@ -266,7 +267,7 @@ def decode_stream(
     streamer = TextStreamer(tokenizer)
     rng = np.random.default_rng(config.seed)
     draft_limit = min(config.lookup_tokens, max_step_tokens - 1) if discard is not None else 0
-    history = list(int(i) for i in prompt_ids) if draft_limit else []
+    history = [int(i) for i in prompt_ids] if draft_limit else []
     chosen: list[int] = []  # tokens chosen by the last pass that are not yet streamed
     stats.finish_reason = "length"
     t_first = time.perf_counter()

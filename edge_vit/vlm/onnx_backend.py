@@ -220,7 +220,6 @@ class _Decoder:
         # the last few (manifest: optimization.logits_positions); the export's, every one (None)
         rows = session.get_outputs()[0].shape[1]
         self.logit_rows = rows if isinstance(rows, int) else logit_rows
-        self.last_only = self.logit_rows == 1
         if prefill is not None and [(i.name, i.type) for i in prefill.get_inputs()] != \
                 [(i.name, i.type) for i in session.get_inputs()]:
             raise ModelLoadError(f"{io_spec.DECODER_PREFILL} does not take the inputs of {io_spec.DECODER}")
@@ -230,8 +229,11 @@ class _Decoder:
         # returns its positions' logits and computes them as the decode steps would
         return self.prefill if seq > 1 and cache.length == 0 and self.prefill is not None else self.session
 
-    def rows_for(self, seq: int) -> int:
-        """How many logits rows the decode graph returns for ``seq`` input positions."""
+    def rows_for(self, session: ort.InferenceSession, seq: int) -> int:
+        """How many logits rows ``session`` returns for ``seq`` input positions: the prefill graph the last
+        position's; the decode graph up to ``logit_rows`` (every position when None)."""
+        if session is self.prefill:
+            return 1
         return seq if self.logit_rows is None else min(seq, self.logit_rows)
 
     def run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -242,8 +244,7 @@ class _Decoder:
 
     def discard(self, cache: _Cache, n: int) -> None:
         """Drop the cache's last ``n`` positions."""
-        cache.length -= n
-        cache.past = {name: np.ascontiguousarray(value[:, :, : cache.length]) for name, value in cache.past.items()}
+        raise NotImplementedError
 
     def _run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -267,6 +268,10 @@ class _Decoder:
 
 class _PlainDecoder(_Decoder):
     """``session.run`` with numpy in and out; the cache round-trips through numpy (no copy on CPU)."""
+
+    def discard(self, cache: _Cache, n: int) -> None:
+        cache.length -= n
+        cache.past = {name: np.ascontiguousarray(value[:, :, : cache.length]) for name, value in cache.past.items()}
 
     def _run(self, cache: _Cache, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         feeds = self._feeds(cache, embeds, attention_mask)
@@ -306,7 +311,7 @@ class _BoundDecoder(_Decoder):
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name, value in cache.past.items():
             binding.bind_ortvalue_input(name, value)
-        buffer = cache.logits if embeds.shape[1] == 1 or self.last_only else None
+        buffer = cache.logits if self.rows_for(session, embeds.shape[1]) == 1 else None
         if buffer is not None:
             binding.bind_output("logits", "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
         else:
@@ -379,7 +384,7 @@ class _SharedKVDecoder(_Decoder):
         for name, value in self._feeds(cache, embeds, attention_mask).items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         buffer = cache.logits
-        rows = 1 if session is self.prefill else self.rows_for(seq)  # the prefill graph: always the last one
+        rows = self.rows_for(session, seq)
         if buffer is not None and rows > 1:  # a prompt or a lookup draft: a buffer of its own, [1, R, V]
             buffer = np.empty((1, rows, self.vocab), dtype=np.float32)
         if buffer is not None:
