@@ -41,6 +41,27 @@ def test_run_on_clip_writes_jsonl_and_video(tmp_path, clip, tiny_yolo, tiny_idef
     assert "[frame 0]" in r.stdout  # answers stream to the console
 
 
+def test_lookup_as_the_readme_runs_it_gives_the_same_answers(tmp_path, clip, tiny_yolo, tiny_idefics3):
+    """--lookup N: answers identical to decoding one token a pass; the answer events count the drafts."""
+    answers = {}
+    for lookup in ("0", "4"):
+        out = tmp_path / f"lookup{lookup}.jsonl"
+        r = run_cli("run", "--source", str(clip), "--vlm", str(tiny_idefics3), "--detector", str(tiny_yolo),
+                    "--imgsz", "64", "--conf", "0.0", "--jsonl", str(out), "--max-frames", "4", "--every", "0",
+                    "--max-new-tokens", "40", "--prompt", "Describe the scene. Describe the scene.",
+                    "--lookup", lookup)
+        assert r.returncode == 0, r.stderr
+        answers[lookup] = {a["frame"]: a for a in by_type(read_jsonl(out), "answer")}
+    common = sorted(set(answers["0"]) & set(answers["4"]))
+    assert common, "no frame answered in both runs"
+    for frame in common:
+        plain, lookup = answers["0"][frame], answers["4"][frame]
+        assert plain["grounding"] == lookup["grounding"] and plain["answer"] == lookup["answer"]
+        assert "draft_tokens" not in plain["timings"]
+    drafted = [a["timings"] for a in answers["4"].values() if "draft_tokens" in a["timings"]]
+    assert drafted and all(0 <= t["accepted_tokens"] <= t["draft_tokens"] for t in drafted)
+
+
 def test_grounding_counts_line_as_the_readme_runs_it(tmp_path, clip, tiny_yolo, tiny_idefics3):
     """--grounding-counts: the line after the header counts the frame's detections and the class the prompt
     names (the tiny detector's classes are named "0".."79")."""
