@@ -256,6 +256,66 @@ def test_lookup_speed_runs_as_the_benchmarks_readme_shows(kind_variants_fused_id
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("draft lengths in [1, 15]")
 
 
+FAKE_LLAMA_BENCH = """#!{python}
+import json, os, signal, sys
+args = sys.argv[1:]
+opt = {{args[i]: args[i + 1] for i in range(0, len(args) - 1, 2)}}
+with open(os.environ["FAKE_LLAMA_BENCH_LOG"], "a") as log:
+    log.write(json.dumps(args) + "\\n")
+if "crash" in opt["-m"]:
+    os.kill(os.getpid(), signal.SIGILL)
+prompt, gen = int(opt["-p"]), int(opt["-n"])
+tok_s = 1000.0 if prompt else 50.0 + int(opt["-d"]) / 1000  # the depth shows in the number: it must be passed
+print(json.dumps([{{"build_commit": "fake", "model_type": "llama 256M Q8_0", "model_size": 143025408,
+                   "n_prompt": prompt, "n_gen": gen, "avg_ts": tok_s, "samples_ts": [tok_s] * int(opt["-r"])}}]))
+"""
+
+
+def test_llamacpp_compare_runs_as_the_benchmarks_readme_shows(exported, tmp_path, monkeypatch):
+    """benchmarks.llamacpp_compare against a stand-in llama-bench that logs its arguments (no llama.cpp here)."""
+    import subprocess
+    import sys
+
+    bench = tmp_path / "llama-bench"
+    bench.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
+    bench.chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_LLAMA_BENCH_LOG", str(log))
+    gguf = tmp_path / "q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    cmd = [sys.executable, "-m", "benchmarks.llamacpp_compare", "--onnx-dir", str(exported["idefics3"]),
+           "--llama-bench", str(bench), "--gguf", str(gguf), "--rounds", "2", "--runs", "1", "--repetitions", "3",
+           "--max-new-tokens", "4", "--prompt-tokens", "80"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    tokens = report["prompt_tokens"]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    # per round: prompt processing of the same token count, then decode of the same count after that context
+    assert len(calls) == 4
+    for pp, tg in (calls[0:2], calls[2:4]):
+        assert pp[pp.index("-p") + 1] == str(tokens) and pp[pp.index("-n") + 1] == "0"
+        assert tg[tg.index("-n") + 1] == "4" and tg[tg.index("-d") + 1] == str(tokens)
+        assert all(c[c.index("-t") + 1] == "2" and c[c.index("-o") + 1] == "json" for c in (pp, tg))
+    row = report["summary"]["q8_0.gguf"]
+    assert row["decode_tok_s"] == pytest.approx(50.0 + tokens / 1000, abs=0.05)
+    assert row["prefill_ms"] == pytest.approx(tokens, abs=0.05)  # tokens at 1000 tok/s
+    paired = [r["onnx"]["decode_tok_s"] / r["llama_cpp"]["q8_0.gguf"]["decode_tok_s"] for r in report["rounds"]]
+    assert row["onnx_decode_ratio"] == pytest.approx(sorted(paired)[0] / 2 + sorted(paired)[1] / 2, abs=0.01)
+    assert report["summary"]["onnx"]["decode_tok_s"] > 0 and "llama.cpp q8_0.gguf" in done.stdout
+
+    crash = tmp_path / "crash.gguf"
+    crash.write_bytes(b"GGUF")
+    died = subprocess.run(cmd[:cmd.index("--gguf") + 1] + [str(crash)] + cmd[cmd.index("--gguf") + 2:],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
+    assert died.returncode == 1 and "Traceback" not in died.stderr
+    assert "illegal instruction" in died.stderr and "-mno-amx-tile" in died.stderr
+    missing = subprocess.run(cmd[:cmd.index("--llama-bench") + 1] + [str(tmp_path / "nope")]
+                             + cmd[cmd.index("--llama-bench") + 2:],
+                             capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
+    assert missing.returncode == 2 and "not an executable" in missing.stderr.strip().splitlines()[-1]
+
+
 @pytest.fixture
 def kind_variants_fused_idefics3(variants):
     return variants[("idefics3", "fused")].out_dir
