@@ -17,7 +17,7 @@ import os
 import time
 import traceback
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -553,7 +553,9 @@ def bench_stream(suite: Suite, clip: Path, frames: list[np.ndarray]) -> dict:
     prompt = s.prompt(st.prompt)
 
     def run() -> dict:
-        detector = Detector.load(_detector_config(suite, s.detector(st.detector), st.detector_backend))
+        # as `edge-vit run` loads it next to a VLM: ONNX Runtime threads not spinning between frames
+        detector = Detector.load(replace(_detector_config(suite, s.detector(st.detector), st.detector_backend),
+                                         ort_spinning=False))
         folder = _prepare_vlm(suite, s.vlm(st.vlm), st.backend)
         with suite.monitor() as mon:
             vlm, _ = _load_vlm(suite, folder, st.backend, st.tiling)

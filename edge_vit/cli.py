@@ -93,6 +93,8 @@ def build_and_run(args: argparse.Namespace) -> int:
         prefer_exported=args.prefer_exported, agnostic_nms=args.agnostic_nms,
         classes=tuple(c for c in args.classes.split(",") if c.strip()) if args.classes else None,
         device=device,
+        # the VLM worker decodes on the same cores while the detector runs on every frame
+        ort_spinning=args.vlm.lower() == "none",
     )
     trigger = TriggerConfig(every_s=args.every, on_change=args.on_change)
     grounding = grounding_from_args(args) if args.grounding else None

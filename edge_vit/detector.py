@@ -43,6 +43,10 @@ class DetectorConfig:
     # each other, as the demo's colour-shape labels do; off by default, as in Ultralytics.
     agnostic_nms: bool = False
     prefer_exported: bool = True  # load foo.onnx (CPU) / foo.engine (CUDA) exported next to foo.pt; see prefer_exported
+    # An .onnx model on ONNX Runtime's CPU provider: let its threads spin between runs (ONNX Runtime's default,
+    # what Ultralytics opens). False when something else computes on the same cores meanwhile, as the VLM
+    # worker of `edge-vit run` does: the spinning threads took half its decode speed (no_spin_session).
+    ort_spinning: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.conf <= 1.0:
@@ -92,6 +96,12 @@ class Detector:
         self.config = config
         self.names: dict[int, str] = dict(model.names)
         self.class_ids = resolve_classes(config.classes, self.names)
+        self._no_spin_session: Any = None  # the session no_spin_session put in Ultralytics' backend
+
+    @property
+    def spinning_off(self) -> bool:
+        """True once the ONNX Runtime session runs with spinning off (``ort_spinning=False``, after a call)."""
+        return self._no_spin_session is not None
 
     @classmethod
     def load(cls, config: DetectorConfig) -> "Detector":
@@ -125,6 +135,8 @@ class Detector:
             results = self.model.track(frame, persist=True, tracker=c.tracker, **kwargs)
         else:
             results = self.model.predict(frame, **kwargs)
+        if not c.ort_spinning and c.model.endswith(".onnx"):
+            self._no_spin_session = no_spin_session(self.model, c.model, self._no_spin_session)
         result = results[0]
         speed = result.speed or {}
         timings = {
@@ -159,6 +171,36 @@ def prefer_exported(model_path: str, device: str) -> str:
         return model_path
     log.info("detector: loading %s, exported from %s, for device %s", exported, path.name, device)
     return str(exported)
+
+
+def no_spin_session(model: Any, onnx_path: str, current: Any = None) -> Any:
+    """Reopen the ONNX Runtime session of a loaded Ultralytics ``model`` with spinning off; returns that session.
+
+    ONNX Runtime's intra-op threads busy-wait for a while after each run by default. On a 2-core CPU, with the
+    VLM decoding in another thread and the detector on every frame, those threads took the VLM's cores:
+    SmolVLM-256M int8 decoded 42-49 tok/s next to the 320-px demo detector at 15 fps and 78-80 without
+    spinning (105 alone); next to YOLO26n at 640 px 36-37 against 47 (benchmarks/README.md, stream).
+    Ultralytics opens the session itself with default options (``AutoBackend`` takes none), and creates
+    its predictor at the first ``predict``/``track``, so this runs after a call and reopens the session
+    whenever the predictor holds one it did not get from here (``current``). Only CPU-provider sessions:
+    a CUDA/TensorRT session's threads wait on the GPU, not on these cores. Where Ultralytics keeps no such
+    session (a .pt model, another version's layout), nothing changes and ``current`` comes back.
+    """
+    backend = getattr(getattr(getattr(model, "predictor", None), "model", None), "backend", None)
+    session = getattr(backend, "session", None)
+    if session is None or session is current or not hasattr(session, "get_providers"):
+        return current
+    if session.get_providers() != ["CPUExecutionProvider"]:
+        return current
+    import onnxruntime as ort
+
+    old = session.get_session_options()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = old.intra_op_num_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    backend.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+    return backend.session
 
 
 def _default_device() -> str:

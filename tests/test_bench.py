@@ -369,3 +369,29 @@ def test_results_can_be_rendered_again_after_edits(quick_run):
     broken = copy.deepcopy(results)
     broken["vlm"][0].update(status="failed", reason="RuntimeError: boom")
     assert "RuntimeError: boom" in render_markdown(broken)
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[1] / "edge_vit/assets/demo/detector.onnx").is_file(),
+                    reason="the demo detector is not built")
+def test_stream_bench_compares_detector_spinning_as_its_docstring_shows(tiny_idefics3, tmp_path):
+    """python -m benchmarks.stream_bench: StreamRunner on a generated real-time clip, the detector's ONNX Runtime
+    threads spinning on and off, one row each; bad settings are argparse's one-line error."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    cmd = [sys.executable, "-m", "benchmarks.stream_bench", "--vlm", str(tiny_idefics3), "--backend", "torch",
+           "--detector", str(root / "edge_vit/assets/demo/detector.onnx"), "--imgsz", "320", "--seconds", "2",
+           "--rounds", "1", "--new-tokens", "4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert set(report["summary"]) == {"on", "off"} and lines[1].startswith("spinning")  # the table, then JSON
+    for setting, (run,) in report["runs"].items():
+        assert run["errors"] == 0 and run["frames_processed"] > 0 and run["answers"] >= 1
+        assert run["detector_spinning_off"] is (setting == "off")
+        assert report["summary"][setting]["detector_fps"] == run["detector_fps"] > 0
+    bad = subprocess.run(cmd + ["--detector-spinning", "on,maybe"], capture_output=True, text=True, cwd=root,
+                         timeout=120)
+    assert bad.returncode == 2 and "--detector-spinning takes on and/or off" in bad.stderr.strip().splitlines()[-1]

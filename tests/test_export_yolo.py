@@ -8,6 +8,7 @@ default init makes every feature vanish and every score equal); nothing is downl
 import importlib.util
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +215,70 @@ def test_no_end2end_exports_the_one_to_many_head_and_the_detector_runs_nms(expor
     order = np.lexsort(dets.xyxy.T[::-1])
     ref_xyxy = ref.xyxy.numpy()
     assert np.allclose(dets.xyxy[order], ref_xyxy[np.lexsort(ref_xyxy.T[::-1])], atol=1.0)
+
+
+DEMO = Path(__file__).parents[1] / "edge_vit" / "assets" / "demo"
+
+
+def _clip_frames(n: int) -> list[np.ndarray]:
+    import cv2
+
+    cap = cv2.VideoCapture(str(DEMO / "clip.mp4"))
+    frames = [cap.read()[1] for _ in range(n)]
+    cap.release()
+    return frames
+
+
+def _spinning_entry(session) -> str | None:
+    try:
+        return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:  # not set: ONNX Runtime's default, spinning
+        return None
+
+
+@pytest.mark.skipif(not (DEMO / "detector.onnx").is_file(), reason="the demo detector is not built")
+def test_detector_without_spinning_reopens_ultralytics_onnx_session():
+    """ort_spinning=False: the CPU session Ultralytics opened is reopened with spinning off, the boxes unchanged,
+    and again whenever Ultralytics makes a new predictor."""
+    config = DetectorConfig(model=str(DEMO / "detector.onnx"), imgsz=320, agnostic_nms=True, iou=0.5, device="cpu")
+    spinning, quiet = Detector.load(config), Detector.load(replace(config, ort_spinning=False))
+    frames = _clip_frames(3)
+    for frame in frames:
+        a, _ = spinning.detect(frame)
+        b, _ = quiet.detect(frame)
+        assert len(a.xyxy) >= 3
+        np.testing.assert_array_equal(a.xyxy, b.xyxy)
+        np.testing.assert_array_equal(a.class_id, b.class_id)
+        np.testing.assert_array_equal(a.confidence, b.confidence)
+    session = quiet.model.predictor.model.backend.session
+    assert session is quiet._no_spin_session and _spinning_entry(session) == "0"
+    assert quiet.spinning_off and not spinning.spinning_off
+    assert _spinning_entry(spinning.model.predictor.model.backend.session) is None  # Ultralytics' own, untouched
+    quiet.model.predictor = None  # Ultralytics builds a new predictor (and session) on the next call
+    quiet.detect(frames[0])
+    again = quiet.model.predictor.model.backend.session
+    assert again is not session and again is quiet._no_spin_session and _spinning_entry(again) == "0"
+
+
+def test_detector_without_spinning_leaves_a_pt_model_alone(tiny_yolo):
+    detector = Detector.load(DetectorConfig(model=str(tiny_yolo), imgsz=64, device="cpu", ort_spinning=False))
+    detections, _ = detector.detect(np.zeros((64, 64, 3), np.uint8))
+    assert detector._no_spin_session is None and detections.xyxy.shape[1] == 4
+
+
+@pytest.mark.parametrize("vlm, spinning", [("none", True), ("tiny", False)])
+def test_run_turns_detector_spinning_off_when_a_vlm_shares_the_cpu(monkeypatch, tiny_idefics3, clip, vlm, spinning):
+    """edge-vit run: with a VLM answering in its worker the detector's ONNX Runtime threads do not spin."""
+    from edge_vit.cli import main
+
+    seen = []
+
+    def load(cls, config):
+        seen.append(config)
+        raise EdgeVitError("stop after the detector config")
+
+    monkeypatch.setattr(Detector, "load", classmethod(load))
+    argv = ["run", "--source", str(clip), "--detector", "yolo26n.yaml",
+            "--vlm", str(tiny_idefics3) if vlm == "tiny" else "none"]
+    assert main(argv) == 2
+    assert [c.ort_spinning for c in seen] == [spinning]
