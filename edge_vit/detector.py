@@ -2,8 +2,9 @@
 
 Ultralytics does the pre-processing, inference, NMS (or the NMS-free head) and
 tracking (ByteTrack/BoT-SORT through ``model.track``); this module only chooses
-options, validates the model path and converts results. It must not reimplement
-YOLO pre/post-processing.
+options, validates the model path and converts results (and, next to a VLM on the
+same CPU, reopens Ultralytics' ONNX Runtime session with spinning off:
+``no_spin_session``). It must not reimplement YOLO pre/post-processing.
 """
 
 from __future__ import annotations
