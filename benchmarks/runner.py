@@ -562,7 +562,7 @@ def bench_stream(suite: Suite, clip: Path, frames: list[np.ndarray]) -> dict:
             grounding = GroundingConfig(max_tokens=prompt.grounding_tokens) if prompt.grounding else None
             result = run_stream(str(clip), detector, vlm, prompt.instruction, grounding, st.new_tokens, frames[0])
             del vlm
-        return {**result, "memory": mon.result}
+        return {**result, "detector_spinning_off": detector.spinning_off, "memory": mon.result}
 
     return suite.guarded({"id": f"stream/{st.vlm}/{st.backend.label}/{st.detector}-{st.detector_backend.value}",
                           "kind": "stream", "vlm": st.vlm, "backend": st.backend.backend.value,

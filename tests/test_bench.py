@@ -333,6 +333,7 @@ def test_quick_run_has_every_stage_with_percentiles_and_ratios(quick_run):
     assert stream["status"] == "ok" and stream["errors"] == 0, stream
     assert stream["frames_processed"] > 0 and stream["answers"] >= 1 and stream["frames_dropped"] >= 0
     assert stream["detector_fps"] > 0 and stream["vs_baseline"]["answer"] > 0
+    assert stream["detector_spinning_off"] is True  # the .onnx detector as `edge-vit run` loads it next to a VLM
     for stage in ("detect", "vlm_total", "frame_age", "ttft"):
         _assert_stage(stream["stages"][stage])
 
