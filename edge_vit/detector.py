@@ -46,7 +46,7 @@ class DetectorConfig:
     prefer_exported: bool = True  # load foo.onnx (CPU) / foo.engine (CUDA) exported next to foo.pt; see prefer_exported
     # An .onnx model on ONNX Runtime's CPU provider: let its threads spin between runs (ONNX Runtime's default,
     # what Ultralytics opens). False when something else computes on the same cores meanwhile, as the VLM
-    # worker of `edge-vit run` does: the spinning threads took half its decode speed (no_spin_session).
+    # worker of `edge-vit run` does: the spinning threads cost it ~40% of its decode speed (no_spin_session).
     ort_spinning: bool = True
 
     def __post_init__(self) -> None:
