@@ -64,7 +64,6 @@ class GenerationStats:
     tiles: int = 0
     new_tokens: int = 0
     decode_steps: int = 0  # forward passes after prefill
-    decode_tokens: int = 0  # tokens those passes chose (stop token included); > decode_steps with lookup
     draft_tokens: int = 0  # prompt lookup: draft tokens verified
     accepted_tokens: int = 0  # prompt lookup: draft tokens the model agreed with
     preprocess_ms: float = 0.0
@@ -76,10 +75,14 @@ class GenerationStats:
     finish_reason: str = "stop"
 
     @property
+    def decode_tokens(self) -> int:
+        """Tokens the passes after prefill chose (stop token included): one per pass, plus accepted drafts."""
+        return self.decode_steps + self.accepted_tokens
+
+    @property
     def decode_tok_s(self) -> float:
-        # The first token comes from prefill; decode speed counts the tokens the passes after it chose
-        # (one per pass without prompt lookup).
-        n = self.decode_tokens or self.decode_steps
+        # The first token comes from prefill; decode speed counts the tokens the passes after it chose.
+        n = self.decode_tokens
         return n / (self.decode_ms / 1000.0) if n > 0 and self.decode_ms > 0 else 0.0
 
     @property
@@ -300,7 +303,6 @@ def decode_stream(
             if j == len(draft) or chosen[-1] != draft[j] or chosen[-1] in stop_ids:
                 break
         accepted = len(chosen) - 1  # drafts matched; the last chosen token is the pass's own next one
-        stats.decode_tokens += len(chosen)
         if draft:
             stats.draft_tokens += len(draft)
             stats.accepted_tokens += accepted
