@@ -79,8 +79,7 @@ def run(args: argparse.Namespace) -> dict:
     vlm = OnnxVLM.load(args.onnx_dir, ort_config=OrtConfig(threads=args.threads))
     frame, prompt = benchmark_case(vlm.count_tokens, args.prompt_tokens,
                                    int(vlm.manifest.get("tiling", {}).get("tokens_per_tile", 64)))
-    onnx_round(vlm, frame, prompt, args.max_new_tokens, 1)  # warm-up, not counted
-    warm = onnx_round(vlm, frame, prompt, 4, 1)[0]
+    (warm,) = onnx_round(vlm, frame, prompt, args.max_new_tokens, 1)  # warm-up, not counted
     tokens = warm.prompt_tokens  # llama.cpp gets the same count, image tokens included
     rounds = []
     for _ in range(args.rounds):
